@@ -1,0 +1,36 @@
+# Two commands matter: `make demo` and `make test`. Both set up .venv first when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# onnxruntime and onnxruntime-gpu install the same module: choose exactly one.
+ORT_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.installed-$(ORT_EXTRA)
+
+.PHONY: setup demo test protos reliability bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[train,serve,test,$(ORT_EXTRA)]"
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m scripts_demo
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+protos: setup
+	$(PY) -m protos.generate
+
+reliability: setup
+	$(PY) -m bench.reliability
+
+bench: setup
+	$(PY) -m bench.suite
+
+clean:
+	rm -rf $(VENV) demo runs
