@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny trained run directories and an exported model repository, built once per session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _train_tiny(out: Path, **model_overrides) -> Path:
+    """Train a tiny network for a few steps on the default task (seconds on 2 cores)."""
+    from model.config import ModelConfig, RunConfig, TrainConfig
+    from model.train import train_run
+
+    model = dict(cell="lstm", input_size=1, hidden_size=8, num_layers=2, num_outputs=4)
+    model.update(model_overrides)
+    config = RunConfig(model=ModelConfig(**model), training=TrainConfig(epochs=1, dry_run=True, seed=0), seed=0)
+    train_run(config, out, data_path=None, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def make_run_dir(tmp_path_factory):
+    """Factory: make_run_dir(cell="gru", num_layers=3, bidirectional=True, ...) -> a trained run directory."""
+    cache: dict[tuple, Path] = {}
+
+    def make(**overrides) -> Path:
+        key = tuple(sorted(overrides.items()))
+        if key not in cache:
+            name = "run-" + "-".join(f"{k}{v}" for k, v in key) if key else "run-default"
+            cache[key] = _train_tiny(tmp_path_factory.mktemp(name), **overrides)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(make_run_dir) -> Path:
+    """Two-layer, hidden-8 LSTM trained for a few steps."""
+    return make_run_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_gru_run_dir(make_run_dir) -> Path:
+    return make_run_dir(cell="gru")
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tmp_path_factory, tiny_run_dir, tiny_gru_run_dir) -> Path:
+    """A Triton-layout model repository with `tiny_lstm` and `tiny_gru` (version 1 each)."""
+    from export.repository import export_to_repository
+
+    repo = tmp_path_factory.mktemp("repository")
+    export_to_repository(tiny_run_dir, repo, name="tiny_lstm", version=1)
+    export_to_repository(tiny_gru_run_dir, repo, name="tiny_gru", version=1)
+    return repo
