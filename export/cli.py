@@ -2,9 +2,114 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _write_report(report: dict, path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Handler of `lstm-onnx export`."""
+    from lstm_onnx import CheckFailed, UsageError
+    from model.checkpoint import CheckpointError
+
+    from .onnx_export import ExportError
+    from .repository import ParityFailed, export_to_repository
+
+    try:
+        report = export_to_repository(args.run_dir, args.repository, name=args.name, version=args.version,
+                                      opset=args.opset, atol=args.atol, max_batch_size=args.max_batch_size)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
+    except ParityFailed as exc:
+        report = dict(exc.report, passed=False, error=str(exc))
+        _write_report(report, args.report)
+        if args.json:
+            print(json.dumps(report, indent=2))
+        raise CheckFailed(str(exc)) from None
+    except ExportError as exc:
+        report = {"format": "lstm-onnx-export-report/1", "passed": False, "error": str(exc)}
+        _write_report(report, args.report)
+        if args.json:
+            print(json.dumps(report, indent=2))
+        raise CheckFailed(f"export failed: {exc}") from None
+    report["passed"] = True
+    _write_report(report, args.report)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        p = report["parity"]
+        print(f"exported {report['path']}")
+        print(f"  recurrent nodes: {', '.join(report['recurrent_nodes'])}")
+        print(f"  parity (CPU): {p['cases_run']} cases, worst abs error {p['tolerance_that_would_pass']:.3e} <= atol {p['atol']:g}")
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Handler of `lstm-onnx verify`."""
+    from lstm_onnx import CheckFailed, UsageError
+    from model.checkpoint import CheckpointError
+
+    from .onnx_export import ExportError
+    from .parity import ParityError
+    from .verification import format_verify, verify_model
+
+    try:
+        report = verify_model(args.model, args.checkpoint, provider=args.provider, atol=args.atol)
+    except (CheckpointError, ParityError, ExportError) as exc:
+        raise UsageError(str(exc)) from None
+    _write_report(report, args.report)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_verify(report))
+    if not report["passed"]:
+        failed = [c["check"] for c in report["checks"] if c["passed"] is False]
+        raise CheckFailed(f"verification failed: {', '.join(failed)}")
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from . import audit_cli
+
+    p = sub.add_parser(
+        "export",
+        help="turn a run directory into a served-ready model repository",
+        description="Export a trained run to ONNX (one explicit LSTM/GRU node per layer, dynamic batch and time), "
+        "check it with onnx.checker and against PyTorch on CPU, and write DIR/NAME/VERSION/model.onnx, "
+        "DIR/NAME/config.pbtxt (Triton ModelConfig) and an export report. Nothing is written when a check fails "
+        "(exit 1).",
+    )
+    p.add_argument("run_dir", help="run directory written by `lstm-onnx train`")
+    p.add_argument("--repository", required=True, metavar="DIR", help="model repository (Triton layout) to write into")
+    p.add_argument("--name", help="model name in the repository (default: <cell>_model)")
+    p.add_argument("--version", type=int, default=1, help="model version folder (default 1)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14..20 (default 17)")
+    p.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance for parity (default 1e-5, FP32)")
+    p.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size in config.pbtxt (default 64)")
+    p.add_argument("--report", metavar="FILE", help="also write the JSON report here (kept on failure too)")
+    p.add_argument("--json", action="store_true", help="print the JSON report instead of a summary")
+    p.set_defaults(func=run_export)
+
+    v = sub.add_parser(
+        "verify",
+        help="compare an ONNX model with its PyTorch checkpoint on every provider",
+        description="Compare PyTorch eager with onnxruntime: batch 1, 3, 16; time 1, 7, 64; random, zero and "
+        "large inputs; given and omitted state; a sequence fed in chunks against the whole. Reports per output "
+        "the max absolute and relative error and the tolerance that would have passed. Exit 1 on any failure.",
+    )
+    v.add_argument("model", help="the ONNX file")
+    v.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run directory it was exported from")
+    v.add_argument("--provider", default="all", choices=("cpu", "cuda", "all"),
+                   help="onnxruntime provider(s) to compare (all: every available one; default all)")
+    v.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5, FP32)")
+    v.add_argument("--report", metavar="FILE", help="also write the JSON report here")
+    v.add_argument("--json", action="store_true", help="print the JSON report instead of a table")
+    v.set_defaults(func=run_verify)
 
     audit_cli.add_parser(sub)

@@ -1,0 +1,187 @@
+"""Numerical parity between PyTorch eager and onnxruntime, over batch sizes, lengths, inputs, state and chunking."""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("lstm_onnx.parity")
+
+DEFAULT_ATOL = 1e-5
+BATCHES = (1, 3, 16)
+LENGTHS = (1, 7, 64)
+INPUT_KINDS = ("random", "zero", "large")
+LARGE_SCALE = 100.0  # saturates every gate: catches a sigmoid/tanh mismatch that small inputs hide
+CHUNK = 7
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+class ParityError(Exception):
+    """The comparison could not be run (unknown provider, unloadable model)."""
+
+
+@dataclass
+class OutputError:
+    max_abs: float
+    max_rel: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"max_abs": self.max_abs, "max_rel": self.max_rel}
+
+
+@dataclass
+class Case:
+    provider: str
+    name: str
+    batch: int
+    time: int
+    outputs: dict[str, OutputError] = field(default_factory=dict)
+    passed: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider, "case": self.name, "batch": self.batch, "time": self.time,
+            "passed": self.passed, "outputs": {k: v.to_dict() for k, v in self.outputs.items()},
+        }
+
+
+def compare_outputs(expected: np.ndarray, got: np.ndarray) -> OutputError:
+    """Max absolute and relative error (relative to max(|expected|, 1e-6) elementwise)."""
+    if expected.shape != got.shape:
+        raise ParityError(f"output shape: got {list(got.shape)}, expected {list(expected.shape)}")
+    diff = np.abs(expected.astype(np.float64) - got.astype(np.float64))
+    rel = diff / np.maximum(np.abs(expected.astype(np.float64)), 1e-6)
+    if diff.size == 0:
+        return OutputError(0.0, 0.0)
+    return OutputError(float(np.nanmax(diff)) if not np.isnan(diff).any() else float("nan"), float(np.nanmax(rel)))
+
+
+def resolve_providers(choice: str) -> list[str]:
+    """Map cpu|cuda|all to the onnxruntime providers to compare; cuda must really be present."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if choice == "all":
+        return [p for p in ("CPUExecutionProvider", "CUDAExecutionProvider") if p in available]
+    if choice not in PROVIDERS:
+        raise ParityError(f"provider: got {choice!r}, expected cpu, cuda or all")
+    provider = PROVIDERS[choice]
+    if provider not in available:
+        raise ParityError(f"provider {choice}: {provider} is not available in this onnxruntime (available: {', '.join(available)})")
+    return [provider]
+
+
+def open_session(model_path: str | Path | bytes, provider: str, threads: int = 1) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    source = model_path if isinstance(model_path, bytes) else str(model_path)
+    session = ort.InferenceSession(source, sess_options=options, providers=[provider])
+    if session.get_providers()[0] != provider:
+        raise ParityError(f"onnxruntime fell back to {session.get_providers()[0]} when asked for {provider}")
+    return session
+
+
+def _make_input(kind: str, batch: int, time: int, features: int, rng: np.random.Generator) -> np.ndarray:
+    if kind == "zero":
+        return np.zeros((batch, time, features), np.float32)
+    x = rng.standard_normal((batch, time, features)).astype(np.float32)
+    return x * LARGE_SCALE if kind == "large" else x
+
+
+def _torch_run(net: Any, x: np.ndarray, state: list[np.ndarray] | None) -> list[np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        args = [torch.from_numpy(x)] + ([torch.from_numpy(s) for s in state] if state is not None else [])
+        return [t.numpy() for t in net(*args)]
+
+
+def _ort_run(session: Any, names: list[str], x: np.ndarray, state: list[np.ndarray]) -> list[np.ndarray]:
+    feed = dict(zip(names, [x, *state]))
+    return session.run(None, feed)
+
+
+def run_parity(net: Any, model_path: str | Path | bytes, providers: list[str], atol: float = DEFAULT_ATOL, seed: int = 0) -> dict[str, Any]:
+    """Run the whole comparison matrix; returns a JSON-ready report with per-output errors.
+
+    The tolerance that would have passed is the largest absolute error seen, per output.
+    """
+    cfg = net.config
+    net.eval()
+    in_names = ["input", "h0", "c0"][: 1 + len(net.state_names)]
+    out_names = ["output", "hn", "cn"][: 1 + len(net.state_names)]
+    state_shape = (cfg.num_layers * cfg.num_directions, cfg.hidden_size)
+    cases: list[Case] = []
+    for provider in providers:
+        session = open_session(model_path, provider)
+        rng = np.random.default_rng(seed)
+        for batch, time, kind, given in itertools.product(BATCHES, LENGTHS, INPUT_KINDS, (True, False)):
+            x = _make_input(kind, batch, time, cfg.input_size, rng)
+            if given:
+                state = [rng.standard_normal((batch, *state_shape)).astype(np.float32) * 0.5 for _ in net.state_names]
+                expected = _torch_run(net, x, state)
+            else:
+                # Omitted state: PyTorch builds zeros itself; onnxruntime gets the zeros a server supplies.
+                state = [np.zeros((batch, *state_shape), np.float32) for _ in net.state_names]
+                expected = _torch_run(net, x, None)
+            got = _ort_run(session, in_names, x, state)
+            case = Case(provider, f"{kind}-{'state' if given else 'nostate'}", batch, time)
+            for name, e, g in zip(out_names, expected, got):
+                case.outputs[name] = compare_outputs(e, g)
+            cases.append(case)
+        # A sequence fed in chunks, carrying hn/cn back as h0/c0, against the same sequence whole.
+        for batch in (1, 3):
+            time = max(LENGTHS)
+            x = _make_input("random", batch, time, cfg.input_size, rng)
+            expected = _torch_run(net, x, None)
+            state = [np.zeros((batch, *state_shape), np.float32) for _ in net.state_names]
+            if cfg.bidirectional:
+                # The reverse direction reads the sequence from its end: chunking changes the maths, so
+                # a bidirectional model is compared whole only (the server refuses chunked sequences for it).
+                continue
+            for start in range(0, time, CHUNK):
+                got = _ort_run(session, in_names, x[:, start : start + CHUNK], state)
+                state = got[1:]
+            case = Case(provider, f"chunked-{CHUNK}", batch, time)
+            for name, e, g in zip(out_names, expected, got):
+                case.outputs[name] = compare_outputs(e, g)
+            cases.append(case)
+    worst: dict[str, float] = {}
+    for case in cases:
+        case.passed = all(err.max_abs <= atol for err in case.outputs.values())
+        for name, err in case.outputs.items():
+            worst[name] = max(worst.get(name, 0.0), err.max_abs) if not np.isnan(err.max_abs) else float("nan")
+    failed = [c for c in cases if not c.passed]
+    return {
+        "passed": not failed,
+        "atol": atol,
+        "providers": providers,
+        "cases_run": len(cases),
+        "cases_failed": len(failed),
+        "worst_abs_error": worst,
+        "tolerance_that_would_pass": max(worst.values()) if worst else 0.0,
+        "failures": [c.to_dict() for c in failed[:20]],
+        "cases": [c.to_dict() for c in cases],
+    }
+
+
+def make_sample(net: Any, batch: int = 2, time: int = 5, seed: int = 1) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A small input/output pair recorded in the model so a server can self-test at load."""
+    cfg = net.config
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, time, cfg.input_size)).astype(np.float32)
+    state_shape = (batch, cfg.num_layers * cfg.num_directions, cfg.hidden_size)
+    state = [rng.standard_normal(state_shape).astype(np.float32) * 0.5 for _ in net.state_names]
+    outputs = _torch_run(net, x, state)
+    in_names = ["input", "h0", "c0"][: 1 + len(state)]
+    out_names = ["output", "hn", "cn"][: 1 + len(state)]
+    return dict(zip(in_names, [x, *state])), dict(zip(out_names, outputs))

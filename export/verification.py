@@ -1,0 +1,81 @@
+"""`verify`: is the ONNX file the checkpoint's network, explicit, and numerically the same on every provider."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from .contract import read_contract
+from .onnx_export import ExportError, check_explicit
+from .parity import DEFAULT_ATOL, resolve_providers, run_parity
+
+
+def verify_model(model_path: str | Path, run_dir: str | Path, provider: str = "all", atol: float = DEFAULT_ATOL) -> dict[str, Any]:
+    """Compare PyTorch eager (from the run directory) with onnxruntime on the chosen providers.
+
+    Also checks that the ONNX graph has one explicit recurrent node per layer and that the
+    checkpoint digest recorded at export is the digest of this run's weights.
+    """
+    from model.checkpoint import WEIGHTS_FILE, file_digest, load_run
+
+    model_path = Path(model_path)
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except FileNotFoundError:
+        raise ExportError(f"{model_path}: not found, expected an ONNX model file") from None
+    except Exception as exc:  # onnx raises DecodeError and friends for a corrupt file
+        raise ExportError(f"{model_path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    net, config = load_run(run_dir)
+    checks: list[dict[str, Any]] = []
+
+    try:
+        check_explicit(model, config.model.cell, config.model.num_layers)
+        checks.append({"check": "explicit_recurrent_nodes", "passed": True})
+    except ExportError as exc:
+        checks.append({"check": "explicit_recurrent_nodes", "passed": False, "message": str(exc)})
+
+    contract = read_contract(model)
+    digest = file_digest(Path(run_dir) / WEIGHTS_FILE)
+    if contract is None:
+        checks.append({"check": "checkpoint_digest", "passed": None,
+                       "message": "no lstm-onnx contract in metadata_props: cannot tell which checkpoint it came from"})
+    else:
+        same = contract.get("checkpoint_digest") == digest
+        checks.append({"check": "checkpoint_digest", "passed": same,
+                       "message": None if same else f"model records {contract.get('checkpoint_digest')}, run has {digest}"})
+
+    providers = resolve_providers(provider)
+    parity = run_parity(net, model_path, providers, atol=atol)
+    checks.append({"check": "parity", "passed": parity["passed"]})
+    passed = all(c["passed"] is not False for c in checks)
+    return {
+        "format": "lstm-onnx-verify-report/1",
+        "model": str(model_path),
+        "run_dir": str(run_dir),
+        "passed": passed,
+        "checks": checks,
+        "parity": parity,
+    }
+
+
+def format_verify(report: dict[str, Any]) -> str:
+    """Human-readable summary: per provider and output, worst errors and the tolerance that would pass."""
+    parity = report["parity"]
+    lines = [f"verify {report['model']} against {report['run_dir']}"]
+    for c in report["checks"]:
+        mark = {True: "ok", False: "FAIL", None: "n/a"}[c["passed"]]
+        lines.append(f"  {c['check']:<26} {mark}" + (f"  ({c['message']})" if c.get("message") else ""))
+    lines.append(f"  {'provider':<22} {'output':<8} {'cases':>5} {'max abs':>11} {'max rel':>11}")
+    for provider in parity["providers"]:
+        cases = [c for c in parity["cases"] if c["provider"] == provider]
+        for out in cases[0]["outputs"] if cases else []:
+            mabs = max(c["outputs"][out]["max_abs"] for c in cases)
+            mrel = max(c["outputs"][out]["max_rel"] for c in cases)
+            lines.append(f"  {provider:<22} {out:<8} {len(cases):>5} {mabs:>11.3e} {mrel:>11.3e}")
+    lines.append(
+        f"  {parity['cases_run']} cases, {parity['cases_failed']} failed at atol {parity['atol']:g}; "
+        f"tolerance that would have passed: {parity['tolerance_that_would_pass']:.3e}"
+    )
+    lines.append("PASSED" if report["passed"] else "FAILED")
+    return "\n".join(lines)
