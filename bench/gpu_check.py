@@ -1,0 +1,104 @@
+"""End-to-end check of the CUDA path: export, verify on CPU and CUDA, time both providers, optionally serve.
+
+Run on a machine with an NVIDIA GPU and onnxruntime-gpu: `python -m bench.gpu_check --out DIR`.
+Writes DIR/gpu_check.json and prints a summary. Exit 1 when CUDA is missing or parity fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _time_session(session, feed: dict, repeat: int) -> float:
+    for _ in range(5):
+        session.run(None, feed)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        session.run(None, feed)
+    return (time.perf_counter() - start) / repeat * 1e3
+
+
+def _make_run(out: Path, **model) -> Path:
+    import torch
+    from model.checkpoint import save_weights, write_json
+    from model.config import ModelConfig, RunConfig
+    from model.network import StackedRNN
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = ModelConfig(**model)
+    torch.manual_seed(0)
+    net = StackedRNN(cfg)
+    write_json(out / "config.json", RunConfig(model=cfg).to_dict())
+    save_weights(net, out / "init.safetensors")
+    save_weights(net, out / "model.safetensors")
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    import onnxruntime as ort
+
+    result: dict = {"host": platform.node(), "onnxruntime": ort.__version__, "providers": ort.get_available_providers()}
+    try:
+        result["gpu"] = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout.strip()
+    except OSError as exc:
+        result["gpu"] = f"nvidia-smi: {exc}"
+    print(json.dumps(result, indent=2), flush=True)
+    if "CUDAExecutionProvider" not in result["providers"]:
+        print("CUDAExecutionProvider is not available in this onnxruntime", file=sys.stderr)
+        Path(args.out, "gpu_check.json").write_text(json.dumps(result, indent=2))
+        return 1
+
+    from export.repository import export_to_repository
+    from export.verification import verify_model
+
+    work = Path(tempfile.mkdtemp())
+    ok = True
+    result["verify"] = {}
+    for name, model in {
+        "lstm3x64": dict(cell="lstm", input_size=8, hidden_size=64, num_layers=3, num_outputs=4),
+        "bigru2x32": dict(cell="gru", input_size=8, hidden_size=32, num_layers=2, bidirectional=True, num_outputs=3),
+    }.items():
+        run = _make_run(work / name, **model)
+        export_to_repository(run, work / "repo", name=name)
+        report = verify_model(work / "repo" / name / "1" / "model.onnx", run, provider="all")
+        per_provider = {}
+        for provider in report["parity"]["providers"]:
+            cases = [c for c in report["parity"]["cases"] if c["provider"] == provider]
+            per_provider[provider] = {"cases": len(cases), "failed": sum(not c["passed"] for c in cases),
+                                      "worst_abs": max(e["max_abs"] for c in cases for e in c["outputs"].values())}
+        result["verify"][name] = {"passed": report["passed"], "providers": per_provider}
+        ok &= report["passed"]
+        print(name, json.dumps(result["verify"][name]), flush=True)
+
+    # Latency per provider for the bench model at batch 1 and a large batch.
+    from export.parity import open_session
+
+    timings = {}
+    path = work / "repo" / "lstm3x64" / "1" / "model.onnx"
+    for provider in ("CPUExecutionProvider", "CUDAExecutionProvider"):
+        session = open_session(path, provider, threads=4)
+        for batch, t in ((1, 50), (256, 50)):
+            x = np.random.default_rng(0).standard_normal((batch, t, 8)).astype(np.float32)
+            z = np.zeros((batch, 3, 64), np.float32)
+            timings[f"{provider}/b{batch}xt{t}_ms"] = round(_time_session(session, {"input": x, "h0": z, "c0": z}, 50), 4)
+    result["timings"] = timings
+    print(json.dumps(timings, indent=2), flush=True)
+    result["repository"] = str(work / "repo")
+    Path(args.out, "gpu_check.json").write_text(json.dumps(result, indent=2))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
