@@ -1,0 +1,342 @@
+"""Weight audit of any ONNX model with LSTM/GRU nodes: resolve, split per gate, and collect findings (onnx + numpy only)."""
+from __future__ import annotations
+
+import heapq
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .external import ExternalDataError, tensor_to_array
+from .gates import DIRECTIONS, GateShapeError, GateTensor, split_gates
+
+RECURRENT_OPS = ("LSTM", "GRU")
+LOOP_OPS = ("Loop", "Scan")
+CONTRACT_KEY = "lstm_onnx.contract"
+# Operator input positions (ONNX spec) of the tensors the audit reads.
+ROLES: dict[str, dict[str, int]] = {
+    "LSTM": {"W": 1, "R": 2, "B": 3, "sequence_lens": 4, "initial_h": 5, "initial_c": 6, "P": 7},
+    "GRU": {"W": 1, "R": 2, "B": 3, "sequence_lens": 4, "initial_h": 5},
+}
+WEIGHT_ROLES = ("W", "R", "B", "P")
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
+
+class AuditInputError(ValueError):
+    """The model or checkpoint given to the audit cannot be read at all (missing, not ONNX, not a run)."""
+
+
+@dataclass
+class Finding:
+    """One thing the auditor should know; `severity` is error (exit 1), warning or info."""
+
+    code: str
+    severity: str
+    message: str
+    tensors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Layer:
+    """One recurrent node, its resolved weights split per direction and gate."""
+
+    index: int
+    node: str
+    op: str
+    hidden_size: int
+    input_size: int | None
+    direction: str
+    attributes: dict[str, Any]
+    sources: dict[str, str | None]  # role -> resolved tensor name (None: input absent or not constant)
+    reads: list[str]  # what feeds X, nearest first: ops between this layer and the previous one
+    gates: list[GateTensor] = field(default_factory=list)
+    params: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"layer{self.index}"
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        return DIRECTIONS[self.direction]
+
+
+@dataclass
+class HeadTensor:
+    """A float initializer outside the recurrent nodes (the head and anything else with weights)."""
+
+    name: str
+    array: np.ndarray
+    consumers: list[str]
+
+    @property
+    def params(self) -> int:
+        return int(self.array.size)
+
+
+@dataclass
+class Audit:
+    """Everything the audit found about one model; reports are rendered from this alone."""
+
+    path: str
+    producer: str
+    layers: list[Layer]
+    head: list[HeadTensor]
+    contract: dict[str, Any] | None
+    findings: list[Finding] = field(default_factory=list)
+    # key -> {"pytorch": "rnn.weight_ih_l0[0:8]", "identical": bool, "change": float | None}; None without --checkpoint
+    checkpoint: dict[str, dict[str, Any]] | None = None
+    checkpoint_params: int | None = None
+
+    @property
+    def recurrent_params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def head_params(self) -> int:
+        return sum(t.params for t in self.head)
+
+    @property
+    def total_params(self) -> int:
+        return self.recurrent_params + self.head_params
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    def add(self, code: str, severity: str, message: str, tensors: list[str] | None = None) -> None:
+        self.findings.append(Finding(code, severity, message, list(tensors or [])))
+
+
+class GraphIndex:
+    """Name lookups over one graph: who produces a value, and the constant behind it if there is one."""
+
+    def __init__(self, graph: onnx.GraphProto, base_dir: Path):
+        self.graph = graph
+        self.base_dir = base_dir
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.inputs = {i.name for i in graph.input}
+        self.producers = {out: node for node in graph.node for out in node.output if out}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self._cache: dict[str, np.ndarray] = {}
+
+    def resolve(self, name: str) -> tuple[str, np.ndarray] | None:
+        """Follow Identity nodes to an initializer or Constant; None if the value is computed or an input.
+
+        Raises ExternalDataError when the tensor's external data is unsafe or does not fit.
+        """
+        seen: set[str] = set()
+        while name and name not in seen:
+            seen.add(name)
+            if name in self.initializers:
+                if name not in self._cache:
+                    self._cache[name] = tensor_to_array(self.initializers[name], self.base_dir)
+                return name, self._cache[name]
+            node = self.producers.get(name)
+            if node is None:
+                return None
+            if node.op_type == "Identity":
+                name = node.input[0]
+                continue
+            if node.op_type == "Constant":
+                return name, self._constant_value(node, name)
+            return None
+        return None
+
+    def _constant_value(self, node: onnx.NodeProto, name: str) -> np.ndarray:
+        if name not in self._cache:
+            attr = {a.name: a for a in node.attribute}
+            if "value" in attr:
+                self._cache[name] = tensor_to_array(attr["value"].t, self.base_dir)
+            elif "value_float" in attr:
+                self._cache[name] = np.array(attr["value_float"].f, dtype=np.float32)
+            elif "value_floats" in attr:
+                self._cache[name] = np.array(list(attr["value_floats"].floats), dtype=np.float32)
+            else:
+                raise ExternalDataError(f"Constant '{name}': got attributes {sorted(attr)}, expected a float tensor value")
+        return self._cache[name]
+
+    def trace_input(self, name: str, labels: dict[int, str]) -> list[str]:
+        """The ops a value passes through, nearest first, back to a recurrent node or a graph input."""
+        steps: list[str] = []
+        for _ in range(64):  # long enough for any reshaping chain; stops runaway walks on odd graphs
+            node = self.producers.get(name)
+            if node is None:
+                steps.append(f"graph input '{name}'" if name in self.inputs else f"'{name}'")
+                return steps
+            if node.op_type in RECURRENT_OPS:
+                steps.append(f"{labels.get(id(node), node.name)} output Y")
+                return steps
+            weights = [i for i in node.input[1:] if i in self.initializers and self.initializers[i].data_type in FLOAT_TYPES]
+            steps.append(node.op_type + (f" (with weights {', '.join(weights)})" if weights else ""))
+            name = node.input[0] if node.input else ""
+        steps.append("...")
+        return steps
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX file without touching external data (that is read later, safely, per tensor)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AuditInputError(f"model {path}: not found, expected an ONNX file")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends; all mean "not an ONNX model"
+        raise AuditInputError(f"model {path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+
+
+def topological_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Nodes in a topological order that keeps the file's order where it is free (Kahn with a heap)."""
+    produced_by = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    deps = [{produced_by[n] for n in node.input if n in produced_by and produced_by[n] != i} for i, node in enumerate(graph.node)]
+    waiting = [len(d) for d in deps]
+    users: dict[int, list[int]] = {}
+    for i, d in enumerate(deps):
+        for j in d:
+            users.setdefault(j, []).append(i)
+    ready = [i for i, n in enumerate(waiting) if n == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users.get(i, []):
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    done = set(order)
+    order += [i for i in range(len(graph.node)) if i not in done]  # a cycle: keep the rest in file order
+    return [graph.node[i] for i in order]
+
+
+def read_contract(model: onnx.ModelProto) -> tuple[dict[str, Any] | None, str | None]:
+    """The `lstm_onnx.contract` metadata as a dict, and a problem description if it is there but unreadable."""
+    for prop in model.metadata_props:
+        if prop.key == CONTRACT_KEY:
+            try:
+                data = json.loads(prop.value)
+            except json.JSONDecodeError as exc:
+                return None, f"metadata {CONTRACT_KEY}: not valid JSON ({exc})"
+            if not isinstance(data, dict):
+                return None, f"metadata {CONTRACT_KEY}: got {type(data).__name__}, expected an object"
+            return data, None
+    return None, None
+
+
+def audit_model(path: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> Audit:
+    """Audit every LSTM/GRU node of an ONNX model; with `checkpoint` (a run directory) also trace provenance."""
+    from .findings import check_all
+
+    model = load_model(path)
+    graph = model.graph
+    index = GraphIndex(graph, Path(path).resolve().parent)
+    contract, contract_problem = read_contract(model)
+    producer = " ".join(x for x in (model.producer_name, model.producer_version) if x) or "unknown"
+    audit = Audit(str(path), producer, [], [], contract)
+    if contract_problem:
+        audit.add("DIGEST_MISMATCH", "error", contract_problem)
+
+    nodes = topological_nodes(graph)
+    recurrent = [n for n in nodes if n.op_type in RECURRENT_OPS and n.domain in ("", "ai.onnx")]
+    labels = {id(n): f"layer{k}" for k, n in enumerate(recurrent)}
+    weight_sources: set[str] = set()
+    for k, node in enumerate(recurrent):
+        layer = _build_layer(audit, index, k, node, labels)
+        audit.layers.append(layer)
+        weight_sources.update(layer.sources[r] for r in WEIGHT_ROLES if layer.sources.get(r))
+    audit.head = _collect_head(audit, index, weight_sources)
+    _note_graph_shape(audit, graph, recurrent)
+    check_all(audit)
+    if checkpoint is not None:
+        from .audit_checkpoint import compare_checkpoint
+
+        compare_checkpoint(audit, Path(checkpoint))
+    return audit
+
+
+def _build_layer(audit: Audit, index: GraphIndex, k: int, node: onnx.NodeProto, labels: dict[int, str]) -> Layer:
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    attrs = {name: (v.decode() if isinstance(v, bytes) else [x.decode() if isinstance(x, bytes) else x for x in v] if isinstance(v, list) else v) for name, v in attrs.items()}
+    op = node.op_type
+    direction = str(attrs.get("direction", "forward"))
+    name = node.name or f"{op} #{k}"
+    reads = index.trace_input(node.input[0], labels) if node.input else []
+    layer = Layer(k, name, op, int(attrs.get("hidden_size", 0)), None, direction, attrs, {}, reads)
+    if direction not in DIRECTIONS:
+        audit.add("MALFORMED_NODE", "error", f"{layer.label} '{name}': direction {direction!r}, expected one of {', '.join(DIRECTIONS)}")
+        return layer
+    arrays: dict[str, np.ndarray | None] = {}
+    for role, pos in ROLES[op].items():
+        value = node.input[pos] if pos < len(node.input) else ""
+        if not value:
+            layer.sources[role] = None
+            continue
+        try:
+            found = index.resolve(value)
+        except ExternalDataError as exc:
+            audit.add("EXTERNAL_DATA", "error", f"{layer.label} {role}: {exc}", [value])
+            found = None
+        else:
+            if found is None and role in WEIGHT_ROLES:
+                audit.add("UNRESOLVED_WEIGHT", "error", f"{layer.label} '{name}' {role} '{value}': computed at run time or a "
+                          "graph input, expected an initializer or Constant the audit can read", [value])
+        if found is not None and found[0] in index.inputs:
+            audit.add("OVERRIDABLE_WEIGHT", "warning", f"{layer.label} {role} '{found[0]}' is also a graph input: a caller "
+                      "can replace it at run time, so the audited values may not be the ones used", [found[0]])
+        layer.sources[role] = found[0] if found else (value if role not in WEIGHT_ROLES else None)
+        if role in WEIGHT_ROLES:
+            arrays[role] = found[1] if found else None
+    if arrays.get("W") is None or arrays.get("R") is None:
+        return layer
+    if not layer.hidden_size:
+        layer.hidden_size = int(arrays["R"].shape[-1]) if arrays["R"].ndim == 3 else 0
+    try:
+        layer.gates = split_gates(op, k, layer.hidden_size, direction, arrays, {r: str(layer.sources.get(r)) for r in WEIGHT_ROLES})
+    except GateShapeError as exc:
+        audit.add("MALFORMED_NODE", "error", str(exc), [s for s in layer.sources.values() if s])
+        return layer
+    layer.input_size = int(arrays["W"].shape[2])
+    layer.params = sum(int(a.size) for r, a in arrays.items() if a is not None)
+    return layer
+
+
+def _collect_head(audit: Audit, index: GraphIndex, weight_sources: set[str]) -> list[HeadTensor]:
+    head: list[HeadTensor] = []
+    for tensor in index.graph.initializer:
+        if tensor.name in weight_sources or tensor.data_type not in FLOAT_TYPES:
+            continue
+        try:
+            array = tensor_to_array(tensor, index.base_dir)
+        except ExternalDataError as exc:
+            audit.add("EXTERNAL_DATA", "error", str(exc), [tensor.name])
+            continue
+        consumers = [f"{n.op_type} '{n.name}'" if n.name else n.op_type for n in index.consumers.get(tensor.name, [])]
+        head.append(HeadTensor(tensor.name, array, consumers))
+    return head
+
+
+def _note_graph_shape(audit: Audit, graph: onnx.GraphProto, recurrent: list[onnx.NodeProto]) -> None:
+    loops = [n for n in graph.node if n.op_type in LOOP_OPS]
+    plain = [n for n in graph.node if n.op_type == "RNN"]
+    if plain:
+        audit.add("UNSUPPORTED_OP", "warning", f"{len(plain)} plain RNN node(s) ({', '.join(n.name or 'RNN' for n in plain)}): "
+                  "only LSTM and GRU gates are audited")
+    if not recurrent:
+        if loops:
+            names = ", ".join(f"{n.op_type} '{n.name}'" if n.name else n.op_type for n in loops)
+            msg = (f"no LSTM or GRU node: the recurrence is computed by {names}, so there is no explicit recurrent op "
+                   "whose gates can be audited; export with explicit LSTM/GRU ops")
+        else:
+            msg = "no LSTM or GRU node in the graph: nothing recurrent to audit"
+        audit.add("NO_RECURRENT_OP", "error", msg)
+    elif loops:
+        audit.add("LOOP_PRESENT", "info", f"{len(loops)} Loop/Scan node(s) besides the recurrent nodes: "
+                  "any weights used inside their bodies are not audited")

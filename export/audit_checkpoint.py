@@ -1,0 +1,148 @@
+"""Provenance for the audit: map each ONNX gate slice to its PyTorch parameter rows and check training moved it."""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .audit import Audit, AuditInputError
+from .gates import pytorch_source
+from .safetensors_reader import SafetensorsError, read_safetensors
+
+# Relative change below which a gate counts as untouched by training (Adam moves weights by ~1e-3 per step).
+UNTRAINED_RTOL = 1e-7
+OPS = {"lstm": "LSTM", "gru": "GRU"}
+
+
+def compare_checkpoint(audit: Audit, run_dir: Path) -> None:
+    """Check every gate slice is bit-identical to the checkpoint and, with init.safetensors, that it trained."""
+    config = _read_config(run_dir)
+    try:
+        weights = read_safetensors(run_dir / "model.safetensors")
+        init = read_safetensors(run_dir / "init.safetensors") if (run_dir / "init.safetensors").is_file() else None
+    except SafetensorsError as exc:
+        raise AuditInputError(str(exc)) from None
+    audit.checkpoint = {}
+    audit.checkpoint_params = sum(int(a.size) for a in weights.values())
+    # These findings replace the "cannot be determined" note: the checkpoint answers it (or says why not).
+    audit.findings = [f for f in audit.findings if f.code != "UNTRAINED_UNKNOWN"]
+    model = config.get("model", {})
+    op = OPS.get(str(model.get("cell")))
+    layers = model.get("num_layers")
+    ops = {layer.op for layer in audit.layers}
+    if op is None or ops != {op} or layers != len(audit.layers):
+        audit.add("CHECKPOINT_MISMATCH", "error", f"checkpoint {run_dir}: config.json describes {layers} {model.get('cell')} "
+                  f"layer(s), the model has {len(audit.layers)} {'/'.join(sorted(ops)) or 'recurrent'} node(s)")
+        return
+    _check_file_digest(audit, run_dir)
+    _compare_gates(audit, op, weights, init)
+    _compare_head(audit, weights, init)
+    if audit.checkpoint_params != audit.total_params:
+        audit.add("CHECKPOINT_MISMATCH", "error", f"parameter count: the model holds {audit.total_params}, "
+                  f"the checkpoint {audit.checkpoint_params}")
+    if init is None:
+        audit.add("UNTRAINED_UNKNOWN", "info", f"checkpoint {run_dir} has no init.safetensors: whether training "
+                  "changed each gate cannot be determined")
+        return
+    _report_untrained(audit, weights, init)
+
+
+def _read_config(run_dir: Path) -> dict:
+    path = run_dir / "config.json"
+    if not run_dir.is_dir():
+        raise AuditInputError(f"checkpoint {run_dir}: not a directory, expected a run directory from `lstm-onnx train`")
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AuditInputError(f"{path}: missing, expected the run's config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AuditInputError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise AuditInputError(f"{path}: expected an object with a 'model' section")
+    return data
+
+
+def _bits(array: np.ndarray) -> bytes:
+    return np.ascontiguousarray(array, dtype="<f4").tobytes()
+
+
+def _relative_change(now: np.ndarray, before: np.ndarray) -> float:
+    diff = float(np.linalg.norm(np.asarray(now, np.float64) - np.asarray(before, np.float64)))
+    return diff / max(float(np.linalg.norm(np.asarray(before, np.float64))), 1e-12)
+
+
+def _check_file_digest(audit: Audit, run_dir: Path) -> None:
+    recorded = (audit.contract or {}).get("checkpoint_digest")
+    if recorded is None:
+        return
+    actual = "sha256:" + hashlib.sha256((run_dir / "model.safetensors").read_bytes()).hexdigest()
+    if recorded != actual:
+        audit.add("DIGEST_MISMATCH", "error", f"metadata checkpoint_digest {recorded[:19]}... does not match "
+                  f"{run_dir / 'model.safetensors'} ({actual[:19]}...): the model was exported from another checkpoint")
+
+
+def _compare_gates(audit: Audit, op: str, weights: dict, init: dict | None) -> None:
+    differ: list[str] = []
+    for layer in audit.layers:
+        for g in layer.gates:
+            src = pytorch_source(op, g.layer, g.direction, g.gate, g.kind, layer.hidden_size)
+            if src is None:  # peepholes have no PyTorch counterpart
+                continue
+            name, rows = src
+            label = f"{name}[{rows.start}:{rows.stop}]"
+            param = weights.get(name)
+            expected = param[rows] if param is not None and param.shape[0] >= rows.stop else None
+            identical = expected is not None and expected.shape == g.array.shape and _bits(expected) == _bits(g.array)
+            change = None
+            if init is not None and name in init and init[name].shape[0] >= rows.stop:
+                change = _relative_change(g.array, init[name][rows])
+            audit.checkpoint[g.key] = {"pytorch": label, "identical": identical, "change": change}
+            if not identical:
+                differ.append(f"{g.key} != {label}")
+    if differ:
+        audit.add("CHECKPOINT_MISMATCH", "error", f"{len(differ)} gate slice(s) are not bit-identical to the checkpoint: "
+                  + "; ".join(differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else ""),
+                  [d.split(" ")[0] for d in differ])
+
+
+def _compare_head(audit: Audit, weights: dict, init: dict | None) -> None:
+    """Non-recurrent parameters: matched by name first, else by content (a tool may rename them)."""
+    by_bits = {(t.array.shape, _bits(t.array)): t.name for t in audit.head}
+    names = {t.name for t in audit.head}
+    for name, param in sorted(weights.items()):
+        if name.startswith("rnn."):
+            continue
+        head = next((t for t in audit.head if t.name == name), None)
+        if head is not None:
+            identical = head.array.shape == param.shape and _bits(head.array) == _bits(param)
+            onnx_name = name
+        else:
+            onnx_name = by_bits.get((param.shape, _bits(param)))
+            identical = onnx_name is not None
+        change = _relative_change(param, init[name]) if init is not None and name in init else None
+        audit.checkpoint[onnx_name or name] = {"pytorch": name, "identical": identical, "change": change}
+        if not identical:
+            where = f"initializer '{name}' differs" if name in names else "no initializer holds it"
+            audit.add("CHECKPOINT_MISMATCH", "error", f"checkpoint parameter {name} {list(param.shape)}: {where}", [name])
+
+
+def _report_untrained(audit: Audit, weights: dict, init: dict) -> None:
+    ran = any(k not in init or _bits(v) != _bits(init[k]) for k, v in weights.items())
+    still: dict[str, list[str]] = defaultdict(list)
+    for key, info in audit.checkpoint.items():
+        if info["change"] is not None and info["change"] <= UNTRAINED_RTOL:
+            if key.startswith("layer"):  # layer{k}.{direction}.{gate}.{kind}
+                parts = key.split(".")
+                still[".".join(parts[:2])].append(".".join(parts[2:]))
+            else:
+                still["head"].append(key)
+    if not ran:
+        audit.add("UNTRAINED_GATE", "warning", "model.safetensors equals init.safetensors: training never ran, "
+                  "every gate is at its initial value")
+        return
+    for where, parts in still.items():
+        audit.add("UNTRAINED_GATE", "error", f"{where}: training ran but these did not move from init.safetensors: "
+                  f"{', '.join(parts)}", [f"{where}.{p}" if where != "head" else p for p in parts])

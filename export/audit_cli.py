@@ -1,0 +1,65 @@
+"""The `audit` subcommand: parser here, work in export.audit (imports only onnx and numpy, lazily)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "audit",
+        help="show every gate's weights of the LSTM/GRU nodes in an ONNX file, and flag suspicious ones",
+        description=run_audit.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL.onnx", help="ONNX file to audit (ours or another tool's)")
+    parser.add_argument("--checkpoint", metavar="RUN_DIR",
+                        help="run directory it was exported from: check every slice is bit-identical to its PyTorch "
+                        "parameter, and (with init.safetensors) that training moved each gate")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON (stable keys) instead of tables")
+    parser.add_argument("--gates-npz", metavar="FILE",
+                        help="write every gate tensor to FILE under layer{k}.{direction}.{gate}.{W|R|bW|bR|P}")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw a heatmap per layer, direction and gate (needs matplotlib)")
+    parser.set_defaults(func=run_audit)
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    """Audit the weights of every LSTM and GRU node in an ONNX model, without torch.
+
+    Resolves W, R, B and P through Identity/Constant nodes and (safely) external data, splits them
+    per layer, direction and gate (LSTM input, forget, cell, output; GRU update, reset, hidden), and
+    prints one table per layer, the head, parameter totals and findings. Exit status 1 when any
+    finding is an error (NaN/Inf, tied or copied weights, digest or checkpoint mismatch, no explicit
+    recurrent op), 2 on a usage error.
+    """
+    from lstm_onnx import CheckFailed, UsageError
+
+    from .audit import AuditInputError, audit_model
+    from .audit_report import format_text, to_json, write_npz, write_plot
+
+    try:
+        audit = audit_model(args.model, checkpoint=args.checkpoint)
+    except AuditInputError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        json.dump(to_json(audit), sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(format_text(audit))
+    try:
+        if args.gates_npz:
+            count = write_npz(audit, args.gates_npz)
+            print(f"wrote {count} gate tensors to {args.gates_npz}", file=sys.stderr)
+        if args.plot:
+            write_plot(audit, args.plot)
+            print(f"wrote heatmaps to {args.plot}", file=sys.stderr)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{exc}") from None
+    except ImportError as exc:
+        raise UsageError(f"--plot needs matplotlib ({exc.name} is not installed)") from None
+    errors = audit.errors
+    if errors:
+        codes = sorted({f.code for f in errors})
+        raise CheckFailed(f"{len(errors)} error finding(s): {', '.join(codes)}")
+    return 0

@@ -1,0 +1,220 @@
+"""Rendering an Audit: fixed-column text tables, JSON with a SHA-256 per tensor, a gate npz, and heatmaps."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from .audit import Audit, Layer
+from .findings import gate_stats
+from .gates import DISPLAY_ORDER, KINDS, LETTERS, PYTORCH_LETTERS, GateTensor, describe_layout, gate_digest
+
+REPORT_FORMAT = "lstm-onnx-audit/1"
+SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+
+
+def _num(x: float) -> str:
+    return f"{x:+.4f}" if math.isfinite(x) else str(x)
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _table(headers: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    fmt = indent + "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*headers).rstrip()] + [fmt.format(*r).rstrip() for r in rows]
+
+
+def _ordered_gates(layer: Layer) -> list[GateTensor]:
+    """Kind first (W_i, W_f, W_c, W_o, then R, bW, bR, P), gates in the order a person asks about them."""
+    order = DISPLAY_ORDER[layer.op]
+    return sorted(layer.gates, key=lambda g: (layer.directions.index(g.direction), KINDS.index(g.kind), order.index(g.gate)))
+
+
+def _trained(audit: Audit, key: str) -> str:
+    info = (audit.checkpoint or {}).get(key)
+    if info is None or info["change"] is None:
+        return "-"
+    return "UNCHANGED" if info["change"] <= 1e-7 else f"moved {info['change']:.2e}"
+
+
+def format_text(audit: Audit) -> str:
+    """The human report: how the gates are laid out, one table per layer, the head, totals, findings."""
+    lines = [f"ONNX weight audit: {audit.path} (producer: {audit.producer})"]
+    c = audit.contract
+    if c:
+        lines.append(f"contract: {c.get('format')}, {c.get('cell')}, {c.get('num_layers')} layer(s), hidden "
+                     f"{c.get('hidden_size')}, {c.get('num_directions')} direction(s)")
+    else:
+        lines.append("contract: none (no lstm_onnx.contract metadata; layers are numbered in topological order)")
+    seen_ops: set[str] = set()
+    for layer in audit.layers:
+        if layer.op in seen_ops or not layer.gates:
+            continue
+        seen_ops.add(layer.op)
+        lines += ["", f"Where the {layer.op} gates live in the fused tensors (layer{layer.index} shapes):"]
+        has_p = any(x.sources.get("P") for x in audit.layers)
+        lines += ["  " + s for s in describe_layout(layer.op, layer.hidden_size, len(layer.directions),
+                                                     layer.input_size or 0, has_p)]
+    if audit.layers:
+        lines += ["", "Between layers (what feeds each layer's input X, nearest op first):"]
+        for layer in audit.layers:
+            lines.append(f"  {layer.label} <- " + " <- ".join(layer.reads))
+        lines += ["  " + s for s in _describe_stacking(audit)]
+    for layer in audit.layers:
+        lines += [""] + _layer_lines(audit, layer)
+    lines += ["", "Other parameters (the head and anything outside the recurrent nodes):"]
+    if audit.head:
+        rows = []
+        for t in audit.head:
+            s = gate_stats(t.array)
+            rows.append([t.name, _shape(t.array.shape), str(t.params), _num(s["mean"]), _num(s["std"]),
+                         _num(s["min"]), _num(s["max"]), ", ".join(t.consumers) or "-", _trained(audit, t.name)])
+        lines += _table(["tensor", "shape", "params", "mean", "std", "min", "max", "used by", "trained"], rows)
+    else:
+        lines.append("  none")
+    per_layer = ", ".join(f"{x.label} {x.params}" for x in audit.layers)
+    total = (f"parameters: recurrent {audit.recurrent_params} ({per_layer or 'none'}) + other {audit.head_params} "
+             f"= {audit.total_params}")
+    if audit.checkpoint_params is not None:
+        same = "matches" if audit.checkpoint_params == audit.total_params else "DIFFERS"
+        total += f"; checkpoint state dict {audit.checkpoint_params} ({same})"
+    lines += ["", total]
+    counts = {s: sum(f.severity == s for f in audit.findings) for s in SEVERITY_ORDER}
+    lines += ["", f"findings: {counts['error']} error(s), {counts['warning']} warning(s), {counts['info']} info"]
+    for f in sorted(audit.findings, key=lambda f: SEVERITY_ORDER[f.severity]):
+        lines.append(f"  {f.severity.upper():<8} {f.code:<20} {f.message}")
+    return "\n".join(lines) + "\n"
+
+
+def _describe_stacking(audit: Audit) -> list[str]:
+    """Say whether each layer reads exactly the previous layer's output, with no weights in between."""
+    odd = []
+    for layer in audit.layers[1:]:
+        feeds_from_previous = bool(layer.reads) and layer.reads[-1] == f"layer{layer.index - 1} output Y"
+        weighted = [s for s in layer.reads if "with weights" in s]
+        if not feeds_from_previous or weighted:
+            odd.append(f"{layer.label} does not read only layer{layer.index - 1}'s output: "
+                       + (f"weights in between ({'; '.join(weighted)})" if weighted else "its input comes from elsewhere"))
+    if len(audit.layers) < 2:
+        return ["A single recurrent layer: its input weights W read the model input."]
+    if odd:
+        return odd
+    return ["Nothing with weights sits between two recurrent layers: each layer's input weights W read the "
+            "previous layer's output Y directly (only reshaping ops in between)."]
+
+
+def _layer_lines(audit: Audit, layer: Layer) -> list[str]:
+    head = (f"{layer.label}  {layer.op} '{layer.node}'  direction {layer.direction}  hidden {layer.hidden_size}  "
+            f"input {layer.input_size if layer.input_size is not None else '?'}  params {layer.params}")
+    srcs = "  ".join(f"{r} '{s}'" for r, s in layer.sources.items() if s)
+    attrs = ", ".join(f"{k}={v}" for k, v in sorted(layer.attributes.items()) if k not in ("hidden_size", "direction"))
+    lines = [head, f"  inputs: {srcs or 'none resolved'}"]
+    if attrs:
+        lines.append(f"  attributes: {attrs}")
+    if not layer.gates:
+        return lines + ["  (weights could not be resolved; see findings)"]
+    with_ckpt = audit.checkpoint is not None
+    rows = []
+    for g in _ordered_gates(layer):
+        s = gate_stats(g.array)
+        row = [g.direction, g.gate, f"{g.kind}_{LETTERS[layer.op][g.gate]}", _shape(g.array.shape), str(g.params),
+               _num(s["mean"]), _num(s["std"]), _num(s["min"]), _num(s["max"]), f"{g.source}{g.index}"]
+        if with_ckpt:
+            info = audit.checkpoint.get(g.key)
+            row.append("-" if info is None else info["pytorch"] + (" ==" if info["identical"] else " DIFFERS"))
+            row.append(_trained(audit, g.key))
+        rows.append(row)
+    headers = ["dir", "gate", "tensor", "shape", "params", "mean", "std", "min", "max", "onnx slice"]
+    if with_ckpt:
+        headers += [f"pytorch ({', '.join(PYTORCH_LETTERS[layer.op][x] for x in PYTORCH_LETTERS[layer.op])} rows)",
+                    "trained"]
+    return lines + _table(headers, rows)
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None  # JSON has no NaN/Inf
+    return x
+
+
+def to_json(audit: Audit) -> dict[str, Any]:
+    """The same facts as the text report, with statistics and a SHA-256 per tensor (stable keys)."""
+    def gate_entry(g: GateTensor) -> dict[str, Any]:
+        entry = {"key": g.key, "layer": g.layer, "direction": g.direction, "gate": g.gate, "kind": g.kind,
+                 "shape": list(g.array.shape), "params": g.params, "source": g.source, "slice": g.index,
+                 "sha256": gate_digest(g.array), "stats": {k: _clean(v) for k, v in gate_stats(g.array).items()}}
+        if audit.checkpoint is not None:
+            entry["checkpoint"] = audit.checkpoint.get(g.key)
+        return entry
+
+    layers = [{
+        "index": x.index, "node": x.node, "op": x.op, "hidden_size": x.hidden_size, "input_size": x.input_size,
+        "direction": x.direction, "attributes": x.attributes, "inputs": x.sources, "reads": x.reads,
+        "params": x.params, "gates": [gate_entry(g) for g in _ordered_gates(x)],
+    } for x in audit.layers]
+    head = [{"name": t.name, "shape": list(t.array.shape), "params": t.params, "used_by": t.consumers,
+             "sha256": gate_digest(t.array), "stats": {k: _clean(v) for k, v in gate_stats(t.array).items()},
+             **({"checkpoint": audit.checkpoint.get(t.name)} if audit.checkpoint is not None else {})}
+            for t in audit.head]
+    return {
+        "format": REPORT_FORMAT, "model": audit.path, "producer": audit.producer,
+        "contract": {k: v for k, v in (audit.contract or {}).items() if k not in ("parity_sample", "gate_digests")} or None,
+        "layers": layers, "head": head,
+        "totals": {"recurrent": audit.recurrent_params, "head": audit.head_params, "total": audit.total_params,
+                   "checkpoint": audit.checkpoint_params},
+        "findings": [{"code": f.code, "severity": f.severity, "message": f.message, "tensors": f.tensors}
+                     for f in audit.findings],
+        "ok": not audit.errors,
+    }
+
+
+def write_npz(audit: Audit, path: str | os.PathLike) -> int:
+    """Every gate tensor under `layer{k}.{direction}.{gate}.{W|R|bW|bR|P}`; returns how many were written."""
+    arrays = {g.key: np.asarray(g.array) for layer in audit.layers for g in layer.gates}
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return len(arrays)
+
+
+def write_plot(audit: Audit, path: str | os.PathLike) -> None:
+    """One heatmap per layer, direction and gate: W and R side by side, biases as a last column pair."""
+    import matplotlib  # lazily: only --plot needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(x, d) for x in audit.layers if x.gates for d in x.directions]
+    if not rows:
+        raise ValueError(f"--plot {path}: the model has no resolved recurrent gates to draw")
+    cols = max(len(DISPLAY_ORDER[x.op]) for x, _ in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(3.2 * cols, 2.6 * len(rows)), squeeze=False)
+    for r, (layer, direction) in enumerate(rows):
+        parts = {(g.gate, g.kind): np.asarray(g.array, np.float64) for g in layer.gates if g.direction == direction}
+        for c in range(cols):
+            ax = axes[r][c]
+            order = DISPLAY_ORDER[layer.op]
+            if c >= len(order):
+                ax.axis("off")
+                continue
+            gate = order[c]
+            h = layer.hidden_size
+            blocks = [parts[(gate, "W")], np.full((h, 1), np.nan), parts[(gate, "R")]]
+            for kind in ("bW", "bR"):
+                if (gate, kind) in parts:
+                    blocks += [np.full((h, 1), np.nan), parts[(gate, kind)].reshape(h, 1)]
+            image = np.hstack(blocks)
+            lim = float(np.nanmax(np.abs(image))) if np.isfinite(image).any() else 1.0
+            cmap = plt.get_cmap("RdBu_r").copy()
+            cmap.set_bad("0.25")  # the NaN separator columns between W, R and the biases show dark grey
+            im = ax.imshow(image, cmap=cmap, vmin=-lim or -1, vmax=lim or 1, aspect="auto", interpolation="nearest")
+            ax.set_title(f"{layer.label} {direction} {gate}: W | R | b", fontsize=8)
+            ax.tick_params(labelsize=6)
+            fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -1,0 +1,161 @@
+"""Splitting an ONNX LSTM/GRU node's fused W, R, B, P into per-layer, per-direction, per-gate tensors."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+# Row blocks inside ONNX's fused tensors, in the order the operator spec stores them.
+ONNX_ORDER: dict[str, tuple[str, ...]] = {
+    "LSTM": ("input", "output", "forget", "cell"),  # i, o, f, c
+    "GRU": ("update", "reset", "hidden"),  # z, r, h
+}
+# Row blocks inside PyTorch's weight_ih_l{k} / weight_hh_l{k} / bias_*_l{k}.
+PYTORCH_ORDER: dict[str, tuple[str, ...]] = {
+    "LSTM": ("input", "forget", "cell", "output"),  # i, f, g, o
+    "GRU": ("reset", "update", "hidden"),  # r, z, n
+}
+# The order a person asks about the gates in, used for tables and plots.
+DISPLAY_ORDER: dict[str, tuple[str, ...]] = {
+    "LSTM": ("input", "forget", "cell", "output"),
+    "GRU": ("update", "reset", "hidden"),
+}
+LETTERS = {
+    "LSTM": {"input": "i", "output": "o", "forget": "f", "cell": "c"},
+    "GRU": {"update": "z", "reset": "r", "hidden": "h"},
+}
+PYTORCH_LETTERS = {
+    "LSTM": {"input": "i", "forget": "f", "cell": "g", "output": "o"},
+    "GRU": {"reset": "r", "update": "z", "hidden": "n"},
+}
+# ONNX's P holds peepholes for i, o, f (the cell candidate has none).
+PEEPHOLE_ORDER = ("input", "output", "forget")
+DIRECTIONS = {"forward": ("forward",), "reverse": ("reverse",), "bidirectional": ("forward", "reverse")}
+KINDS = ("W", "R", "bW", "bR", "P")
+
+
+class GateShapeError(ValueError):
+    """A recurrent node's W/R/B/P does not have the shape the operator spec requires."""
+
+
+@dataclass
+class GateTensor:
+    """One gate's slice of one fused tensor, with where it came from."""
+
+    layer: int
+    direction: str
+    gate: str
+    kind: str  # W [H, in], R [H, H], bW/bR [H], P [H]
+    array: np.ndarray
+    source: str  # name of the fused initializer / Constant it was sliced from
+    index: str  # the slice inside `source`, e.g. "[0, 8:16, :]"
+
+    @property
+    def key(self) -> str:
+        return f"layer{self.layer}.{self.direction}.{self.gate}.{self.kind}"
+
+    @property
+    def params(self) -> int:
+        return int(self.array.size)
+
+
+def gate_digest(array: np.ndarray) -> str:
+    """SHA-256 of the slice as contiguous little-endian float32 bytes (docs/contract.md)."""
+    data = np.ascontiguousarray(array, dtype="<f4")
+    return "sha256:" + hashlib.sha256(data.tobytes()).hexdigest()
+
+
+def split_gates(
+    op: str,
+    layer: int,
+    hidden: int,
+    direction: str,
+    tensors: dict[str, np.ndarray | None],
+    sources: dict[str, str],
+) -> list[GateTensor]:
+    """Slice W, R, B (optional) and P (optional, LSTM only) of one node into GateTensors.
+
+    `tensors` maps the operator's input names ("W", "R", "B", "P") to arrays; `sources` to the names
+    shown as their origin. Shapes are checked against the spec: W [D, G*H, in], R [D, G*H, H],
+    B [D, 2*G*H], P [D, 3*H].
+    """
+    order = ONNX_ORDER[op]
+    dirs = DIRECTIONS[direction]
+    g, h, d = len(order), hidden, len(dirs)
+    node = f"layer{layer} {op}"
+    w, r = tensors["W"], tensors["R"]
+    if w is None or r is None:
+        raise GateShapeError(f"{node}: W and R are required")
+    if w.ndim != 3 or w.shape[:2] != (d, g * h):
+        raise GateShapeError(f"{node} W '{sources['W']}': got shape {list(w.shape)}, expected [{d}, {g * h}, input]")
+    _expect_shape(node, "R", sources, r, (d, g * h, h))
+    out: list[GateTensor] = []
+    for di, dname in enumerate(dirs):
+        for gi, gate in enumerate(order):
+            rows = slice(gi * h, (gi + 1) * h)
+            span = f"{rows.start}:{rows.stop}"
+            out.append(GateTensor(layer, dname, gate, "W", w[di, rows, :], sources["W"], f"[{di}, {span}, :]"))
+            out.append(GateTensor(layer, dname, gate, "R", r[di, rows, :], sources["R"], f"[{di}, {span}, :]"))
+    b = tensors.get("B")
+    if b is not None:
+        _expect_shape(node, "B", sources, b, (d, 2 * g * h))
+        for di, dname in enumerate(dirs):
+            for gi, gate in enumerate(order):
+                lo, hi = gi * h, (gi + 1) * h
+                out.append(GateTensor(layer, dname, gate, "bW", b[di, lo:hi], sources["B"], f"[{di}, {lo}:{hi}]"))
+                lo2, hi2 = lo + g * h, hi + g * h
+                out.append(GateTensor(layer, dname, gate, "bR", b[di, lo2:hi2], sources["B"], f"[{di}, {lo2}:{hi2}]"))
+    p = tensors.get("P")
+    if p is not None:
+        if op != "LSTM":
+            raise GateShapeError(f"{node}: has a peephole input P, but only LSTM has peepholes")
+        _expect_shape(node, "P", sources, p, (d, 3 * h))
+        for di, dname in enumerate(dirs):
+            for pi, gate in enumerate(PEEPHOLE_ORDER):
+                lo, hi = pi * h, (pi + 1) * h
+                out.append(GateTensor(layer, dname, gate, "P", p[di, lo:hi], sources["P"], f"[{di}, {lo}:{hi}]"))
+    return out
+
+
+def _expect_shape(node: str, name: str, sources: dict[str, str], array: np.ndarray, shape: tuple[int, ...]) -> None:
+    if tuple(array.shape) != shape:
+        raise GateShapeError(
+            f"{node} {name} '{sources[name]}': got shape {list(array.shape)}, expected {list(shape)}"
+        )
+
+
+def pytorch_source(op: str, layer: int, direction: str, gate: str, kind: str, hidden: int) -> tuple[str, slice] | None:
+    """The PyTorch parameter and row range an ONNX gate slice comes from (None for peepholes).
+
+    ONNX's B is concat(bias_ih, bias_hh), so bW maps to bias_ih and bR to bias_hh, each reordered
+    like the weights.
+    """
+    stem = {"W": "weight_ih", "R": "weight_hh", "bW": "bias_ih", "bR": "bias_hh"}.get(kind)
+    if stem is None:
+        return None
+    suffix = "_reverse" if direction == "reverse" else ""
+    block = PYTORCH_ORDER[op].index(gate)
+    return f"rnn.{stem}_l{layer}{suffix}", slice(block * hidden, (block + 1) * hidden)
+
+
+def describe_layout(op: str, hidden: int, num_directions: int, input_size: int, peepholes: bool = False) -> list[str]:
+    """Lines explaining where each gate sits in the fused ONNX tensors and in PyTorch's."""
+    g, h = len(ONNX_ORDER[op]), hidden
+    onnx_rows = ", ".join(f"{i * h}:{(i + 1) * h} {gate}" for i, gate in enumerate(ONNX_ORDER[op]))
+    torch_rows = ", ".join(
+        f"{i * h}:{(i + 1) * h} {gate}({PYTORCH_LETTERS[op][gate]})" for i, gate in enumerate(PYTORCH_ORDER[op])
+    )
+    letters = ", ".join(LETTERS[op][x] for x in ONNX_ORDER[op])
+    torch_letters = ", ".join(PYTORCH_LETTERS[op][x] for x in PYTORCH_ORDER[op])
+    lines = [
+        f"ONNX stores {op} gates in the order {letters}; PyTorch in {torch_letters}.",
+        f"  W [{num_directions}, {g * h}, {input_size}] and R [{num_directions}, {g * h}, {h}]: "
+        f"rows {onnx_rows} (first axis = direction: 0 forward, 1 reverse).",
+        f"  B [{num_directions}, {2 * g * h}]: bW = columns 0:{g * h} in the same gate order, "
+        f"bR = columns {g * h}:{2 * g * h}.",
+    ]
+    if op == "LSTM" and peepholes:
+        lines.append(f"  P [{num_directions}, {3 * h}] (peepholes, optional): {h}-wide blocks for i, o, f.")
+    lines.append(f"  PyTorch weight_ih_l{{k}}/weight_hh_l{{k}}/bias_*_l{{k}}: rows {torch_rows}.")
+    return lines
