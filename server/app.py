@@ -1,0 +1,172 @@
+"""Assembles and runs the server: repository, scheduler, grpc.aio with health and reflection, metrics, drain."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+import protos
+from protos import grpc_service_pb2 as pb
+from protos import grpc_service_pb2_grpc as pb_grpc
+
+from .metrics import Metrics, start_metrics_server
+from .repository import Repository
+from .runtime import RuntimeOptions
+from .scheduler import Scheduler
+from .sequences import SequenceStore
+from .servicer import InferenceServicer
+from .settings import ServerSettings
+
+log = logging.getLogger("lstm_onnx.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+@dataclass
+class RunningServer:
+    """A started server: its parts and the ports it actually bound (port 0 picks free ones)."""
+
+    settings: ServerSettings
+    repository: Repository
+    scheduler: Scheduler
+    grpc_server: grpc.aio.Server
+    health: health_aio.HealthServicer
+    grpc_port: int
+    metrics_port: int | None
+    executor: ThreadPoolExecutor
+    metrics_server: asyncio.base_events.Server | None = None
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: refuse new requests (UNAVAILABLE), let in-flight ones finish within the grace period."""
+        grace = self.settings.grace_period_s if grace is None else grace
+        self.scheduler.draining = True
+        await self.health.enter_graceful_shutdown()
+        log.info("draining", extra={"fields": {"in_flight": self.scheduler.in_flight, "grace_s": grace}})
+        deadline = time.monotonic() + grace
+        while self.scheduler.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await self.grpc_server.stop(max(0.0, deadline - time.monotonic()))
+        for task in self._tasks:
+            task.cancel()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        log.info("stopped", extra={"fields": {"unfinished": self.scheduler.in_flight}})
+
+
+def _add_to_pool(file_descriptor) -> None:
+    """Copy a descriptor file (health, reflection) into the protos pool so reflection can describe it too."""
+    from google.protobuf import descriptor_pb2
+
+    try:
+        protos.POOL.FindFileByName(file_descriptor.name)
+        return
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto.FromString(file_descriptor.serialized_pb)
+    protos.POOL.Add(proto)
+
+
+async def start_server(settings: ServerSettings) -> RunningServer:
+    """Load the repository and start gRPC and metrics; returns once the server is SERVING."""
+    started = time.perf_counter()
+    executor = ThreadPoolExecutor(max_workers=settings.executor_threads, thread_name_prefix="ort")
+    options = RuntimeOptions(settings.provider, settings.intra_op_threads, settings.inter_op_threads)
+    repository = Repository(Path(settings.model_repository), options, settings.max_batch_size,
+                            settings.max_queue_delay_us)
+    # Loading builds sessions and self-tests them: off the loop so a slow model does not block signals.
+    await asyncio.get_running_loop().run_in_executor(executor, repository.load_all)
+    metrics = Metrics()
+    sequences = SequenceStore(settings.max_sequences, settings.sequence_idle_timeout_s)
+    scheduler = Scheduler(repository, executor, metrics, sequences)
+
+    limits = [("grpc.max_send_message_length", settings.max_message_bytes),
+              ("grpc.max_receive_message_length", settings.max_message_bytes)]
+    server = grpc.aio.server(options=limits)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(repository, scheduler), server)
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for file_descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        _add_to_pool(file_descriptor)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server, pool=protos.POOL)
+    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    if port == 0:
+        raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")
+    await server.start()
+
+    metrics_server, metrics_port = None, None
+    if settings.metrics_port >= 0:
+        metrics_server = await start_metrics_server(metrics, settings.host, settings.metrics_port)
+        metrics_port = metrics_server.sockets[0].getsockname()[1]
+
+    status = health_pb2.HealthCheckResponse.SERVING if repository.ready else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, status)
+    running = RunningServer(settings, repository, scheduler, server, health_servicer, port, metrics_port, executor,
+                            metrics_server)
+    running._tasks.append(asyncio.get_running_loop().create_task(_evict_forever(sequences)))
+    models = {f"{n}/{v}": ver.state for n, e in repository.models.items() for v, ver in e.versions.items()}
+    log.info("serving", extra={"fields": {"grpc": f"{settings.host}:{port}", "metrics_port": metrics_port,
+                                          "ready": repository.ready, "models": models,
+                                          "startup_s": round(time.perf_counter() - started, 3)}})
+    return running
+
+
+async def _evict_forever(sequences: SequenceStore) -> None:
+    period = min(1.0, sequences.idle_timeout_s / 2)
+    while True:
+        await asyncio.sleep(period)
+        sequences.evict_idle()
+
+
+async def serve(settings: ServerSettings) -> None:
+    """Run until SIGTERM or SIGINT, then drain within the grace period."""
+    running = await start_server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received", extra={"fields": {"grace_s": settings.grace_period_s}})
+    await running.stop()
+
+
+class BackgroundServer:
+    """The real server on its own event loop in a thread (tests, embedding): `with BackgroundServer(s) as srv:`."""
+
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="server-loop", daemon=True)
+        self.running: RunningServer | None = None
+
+    def __enter__(self) -> "BackgroundServer":
+        self._thread.start()
+        self.running = asyncio.run_coroutine_threadsafe(start_server(self.settings), self.loop).result(timeout=120)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"{self.settings.host}:{self.running.grpc_port}"
+
+    def call(self, coroutine, timeout: float = 60):
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=timeout)
+
+    def __exit__(self, *exc) -> None:
+        if self.running is not None:
+            self.call(self.running.stop(grace=1.0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)

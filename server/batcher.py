@@ -1,0 +1,149 @@
+"""Dynamic batching: requests for one model version are merged into one onnxruntime run and split back."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import Internal
+from .metrics import Metrics
+from .runtime import ModelRuntime
+
+Inputs = dict[str, np.ndarray]
+
+
+def batch_key(inputs: Inputs) -> tuple:
+    """Requests with equal keys can be concatenated along the batch axis.
+
+    Same names, datatypes and non-batch dims for now; ragged time lengths would join here once the
+    model takes sequence_lens (the key drops T, and merge_inputs pads and adds sequence_lens).
+    """
+    return tuple(sorted((name, a.dtype.str, a.shape[1:]) for name, a in inputs.items()))
+
+
+def merge_inputs(parts: list[Inputs]) -> Inputs:
+    """Concatenate each input along axis 0."""
+    if len(parts) == 1:
+        return parts[0]
+    return {name: np.concatenate([p[name] for p in parts], axis=0) for name in parts[0]}
+
+
+def split_outputs(outputs: Inputs, rows: list[int]) -> list[Inputs]:
+    """Split each output back into per-request pieces of `rows` rows."""
+    if len(rows) == 1:
+        return [outputs]
+    total = sum(rows)
+    for name, array in outputs.items():
+        if array.ndim == 0 or array.shape[0] != total:
+            raise Internal(f"output '{name}': shape {list(array.shape)} has no batch axis of {total} to split")
+    bounds = np.cumsum(rows)[:-1]
+    pieces = {name: np.split(array, bounds, axis=0) for name, array in outputs.items()}
+    return [{name: pieces[name][i] for name in outputs} for i in range(len(rows))]
+
+
+@dataclass
+class _Pending:
+    inputs: Inputs
+    rows: int
+    key: tuple
+    future: asyncio.Future
+    enqueued_ns: int
+
+
+class DynamicBatcher:
+    """Queues requests for one model version and runs them in merged batches, one run at a time.
+
+    An idle model runs a request at once; only while a run is in progress do requests accumulate, and
+    then the batcher waits at most `max_queue_delay_us` for a batch to fill.
+    """
+
+    def __init__(self, runtime: ModelRuntime, executor: Executor, metrics: Metrics, max_batch_size: int,
+                 max_queue_delay_us: int, merge: bool, clock: Callable[[], int] = time.perf_counter_ns):
+        self.runtime = runtime
+        self.executor = executor
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_us / 1e6
+        self.merge = merge
+        self._clock = clock
+        self._queue: list[_Pending] = []
+        self._worker: asyncio.Task | None = None
+        self._arrived = asyncio.Event()
+        self._labels = (runtime.name, str(runtime.version))
+
+    async def infer(self, inputs: Inputs, rows: int) -> tuple[Inputs, int]:
+        """All outputs for these inputs, and the ns the request waited in the queue."""
+        if not self.merge:
+            start = self._clock()
+            outputs, compute_ns = await self._execute(inputs, rows)
+            return outputs, max(0, self._clock() - start - compute_ns)  # waiting for an executor thread
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(inputs, rows, batch_key(inputs), future, self._clock()))
+        self._arrived.set()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _execute(self, inputs: Inputs, rows: int) -> tuple[Inputs, int]:
+        loop = asyncio.get_running_loop()
+        outputs, compute_ns = await loop.run_in_executor(self.executor, self._timed_predict, inputs)
+        self.metrics.record_execution(*self._labels, rows, compute_ns)
+        return outputs, compute_ns
+
+    def _timed_predict(self, inputs: Inputs) -> tuple[Inputs, int]:
+        start = self._clock()
+        outputs = self.runtime.predict(inputs, None)
+        return outputs, self._clock() - start
+
+    def _take(self, key: tuple | None, room: int) -> list[_Pending]:
+        taken, kept = [], []
+        for item in self._queue:
+            if (key is None or item.key == key) and item.rows <= room:
+                key = item.key
+                taken.append(item)
+                room -= item.rows
+            else:
+                kept.append(item)
+        self._queue = kept
+        return taken
+
+    async def _drain(self) -> None:
+        busy = False
+        while self._queue:
+            batch = self._take(None, self.max_batch_size)
+            rows = sum(item.rows for item in batch)
+            if busy and rows < self.max_batch_size and self.max_queue_delay_s > 0:
+                # Under load a short wait lets the batch fill; at low load (busy False) nothing waits.
+                deadline = asyncio.get_running_loop().time() + self.max_queue_delay_s
+                while rows < self.max_batch_size:
+                    self._arrived.clear()
+                    remaining = deadline - asyncio.get_running_loop().time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        await asyncio.wait_for(self._arrived.wait(), remaining)
+                    except asyncio.TimeoutError:
+                        break
+                    more = self._take(batch[0].key, self.max_batch_size - rows)
+                    batch += more
+                    rows += sum(item.rows for item in more)
+            await self._run(batch, rows)
+            busy = bool(self._queue)
+
+    async def _run(self, batch: list[_Pending], rows: int) -> None:
+        started = self._clock()
+        try:
+            outputs, _ = await self._execute(merge_inputs([item.inputs for item in batch]), rows)
+            pieces = split_outputs(outputs, [item.rows for item in batch])
+        except Exception as exc:  # every request of the batch gets the error
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        for item, piece in zip(batch, pieces):
+            if not item.future.done():  # a cancelled client leaves a done future
+                item.future.set_result((piece, started - item.enqueued_ns))

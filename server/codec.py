@@ -1,0 +1,139 @@
+"""Tensors between protobuf and numpy: decode_request / encode_response, and the sequence parameters."""
+from __future__ import annotations
+
+import numpy as np
+
+from protos import grpc_service_pb2 as pb
+
+from . import datatypes
+from .errors import InvalidArgument
+from .sequences import SequenceControl
+
+# Which typed-contents field carries each datatype (KServe v2).
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents",
+}
+
+
+def decode_request(request: pb.ModelInferRequest) -> tuple[dict[str, np.ndarray], list[str], SequenceControl | None]:
+    """The input arrays, the requested output names (empty = all), and the sequence control, if any."""
+    raw = list(request.raw_input_contents)
+    typed = [t.name for t in request.inputs if t.HasField("contents")]
+    if raw and typed:
+        raise InvalidArgument(f"request mixes raw_input_contents ({len(raw)}) with typed contents (inputs {typed}); "
+                              "use one or the other")
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(f"raw_input_contents: got {len(raw)} entries, expected one per input "
+                              f"({len(request.inputs)})")
+    inputs: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        if tensor.name in inputs:
+            raise InvalidArgument(f"input '{tensor.name}': given twice")
+        inputs[tensor.name] = _decode_tensor(tensor, raw[i] if raw else None)
+    requested = [o.name for o in request.outputs]
+    if len(set(requested)) != len(requested):
+        raise InvalidArgument(f"requested outputs {requested}: a name appears twice")
+    return inputs, requested, decode_sequence(request.parameters)
+
+
+def _decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
+    name, datatype = tensor.name, tensor.datatype
+    try:
+        dtype = datatypes.numpy_of(datatype)
+    except ValueError as exc:
+        raise InvalidArgument(f"input '{name}': {exc}") from None
+    shape = list(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"input '{name}': got shape {shape}, expected non-negative dims")
+    count = int(np.prod(shape, dtype=np.int64))
+    if raw is not None:
+        if len(raw) != count * dtype.itemsize:
+            raise InvalidArgument(f"input '{name}': got {len(raw)} bytes, expected {count * dtype.itemsize} "
+                                  f"for {datatype} shape {shape}")
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    values = getattr(tensor.contents, _CONTENTS_FIELD.get(datatype, ""), None) if datatype != "FP16" else None
+    if values is None:
+        raise InvalidArgument(f"input '{name}': datatype {datatype} cannot travel in typed contents, "
+                              "send it in raw_input_contents")
+    if len(values) != count:
+        raise InvalidArgument(f"input '{name}': got {len(values)} values, expected {count} for shape {shape}")
+    return np.asarray(values, dtype=dtype).reshape(shape)
+
+
+def decode_sequence(parameters) -> SequenceControl | None:
+    """Triton's sequence parameters: sequence_id (int64 or string), sequence_start, sequence_end."""
+    if "sequence_id" not in parameters:
+        for flag in ("sequence_start", "sequence_end"):
+            if flag in parameters and _bool_param(parameters, flag):
+                raise InvalidArgument(f"parameter '{flag}' given without 'sequence_id'")
+        return None
+    param = parameters["sequence_id"]
+    kind = param.WhichOneof("parameter_choice")
+    if kind in ("int64_param", "uint64_param"):
+        seq_id: int | str = getattr(param, kind)
+        if seq_id == 0:
+            return None  # Triton: correlation id 0 means "not part of a sequence"
+    elif kind == "string_param":
+        seq_id = param.string_param
+        if not seq_id:
+            return None
+    else:
+        raise InvalidArgument(f"parameter 'sequence_id': got {kind}, expected int64_param or string_param")
+    return SequenceControl(seq_id, _bool_param(parameters, "sequence_start"), _bool_param(parameters, "sequence_end"))
+
+
+def _bool_param(parameters, name: str) -> bool:
+    if name not in parameters:
+        return False
+    kind = parameters[name].WhichOneof("parameter_choice")
+    if kind != "bool_param":
+        raise InvalidArgument(f"parameter '{name}': got {kind}, expected bool_param")
+    return parameters[name].bool_param
+
+
+def encode_response(model: str, version: int, request_id: str, outputs: dict[str, np.ndarray]
+                    ) -> pb.ModelInferResponse:
+    """Outputs in raw_output_contents (little-endian, C order), one entry per output in order."""
+    response = pb.ModelInferResponse(model_name=model, model_version=str(version), id=request_id)
+    for name, array in outputs.items():
+        datatype = datatypes.datatype_of_numpy(array.dtype)
+        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        response.raw_output_contents.append(
+            np.ascontiguousarray(array, dtype=datatypes.numpy_of(datatype)).tobytes())
+    return response
+
+
+def decode_response(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    """The output arrays of a response (client side), from raw_output_contents or typed contents."""
+    raw = list(response.raw_output_contents)
+    arrays = {}
+    for i, tensor in enumerate(response.outputs):
+        dtype = datatypes.numpy_of(tensor.datatype)
+        if raw:
+            arrays[tensor.name] = np.frombuffer(raw[i], dtype=dtype).reshape(list(tensor.shape))
+        else:
+            values = getattr(tensor.contents, _CONTENTS_FIELD[tensor.datatype])
+            arrays[tensor.name] = np.asarray(values, dtype=dtype).reshape(list(tensor.shape))
+    return arrays
+
+
+def encode_request(model: str, inputs: dict[str, np.ndarray], version: str = "", outputs: list[str] | None = None,
+                   sequence: SequenceControl | None = None, request_id: str = "") -> pb.ModelInferRequest:
+    """A request with raw_input_contents (client side), with sequence parameters when given."""
+    request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+    for name, array in inputs.items():
+        datatype = datatypes.datatype_of_numpy(array.dtype)
+        request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+        request.raw_input_contents.append(np.ascontiguousarray(array, dtype=datatypes.numpy_of(datatype)).tobytes())
+    for name in outputs or []:
+        request.outputs.add(name=name)
+    if sequence is not None:
+        if isinstance(sequence.id, str):
+            request.parameters["sequence_id"].string_param = sequence.id
+        else:
+            request.parameters["sequence_id"].int64_param = sequence.id
+        request.parameters["sequence_start"].bool_param = sequence.start
+        request.parameters["sequence_end"].bool_param = sequence.end
+    return request

@@ -1,0 +1,53 @@
+"""One exception hierarchy for the server; each error carries the gRPC status it maps to."""
+from __future__ import annotations
+
+import grpc
+
+
+class ServerError(Exception):
+    """Base of every error a client can be told about; `code` is its gRPC status."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(ServerError):
+    """The request is malformed: wrong shape, datatype, name, or parameters."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ServerError):
+    """No such model, version, or sequence."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Unavailable(ServerError):
+    """The model is not ready, or the server is draining."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ResourceExhausted(ServerError):
+    """A bounded resource is full (live sequences)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(ServerError):
+    """The request is valid but not in this state (a sequence request without sequence_start)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Internal(ServerError):
+    """The model failed while running; a bug or a broken model, not the client's fault."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status and one-line message for any exception (the single place errors become statuses)."""
+    if isinstance(exc, ServerError):
+        return exc.code, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"

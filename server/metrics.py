@@ -1,0 +1,128 @@
+"""Per model-version counters with Triton's metric names: the Prometheus text and ModelStatistics read them."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+log = logging.getLogger("lstm_onnx.server")
+
+
+@dataclass
+class ModelCounters:
+    """Cumulative figures for one model version (durations in nanoseconds)."""
+
+    success: int = 0
+    failure: int = 0
+    inference_count: int = 0  # rows (batch items) inferred, as Triton counts
+    exec_count: int = 0  # onnxruntime runs; below success count when requests were merged
+    request_ns: int = 0
+    failure_ns: int = 0
+    queue_ns: int = 0
+    compute_infer_ns: int = 0
+    pending: int = 0
+    last_inference_ms: int = 0
+    batch_sizes: Counter = field(default_factory=Counter)  # rows per run -> number of runs
+    batch_ns: Counter = field(default_factory=Counter)  # rows per run -> compute ns
+
+
+class Metrics:
+    """Thread-safe counters keyed by (model, version)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counters: dict[tuple[str, str], ModelCounters] = {}
+
+    def counters(self, model: str, version: str) -> ModelCounters:
+        with self._lock:
+            return self._counters.setdefault((model, version), ModelCounters())
+
+    def record_request(self, model: str, version: str, ok: bool, duration_ns: int, queue_ns: int = 0,
+                       rows: int = 0) -> None:
+        c = self.counters(model, version)
+        with self._lock:
+            if ok:
+                c.success += 1
+                c.request_ns += duration_ns
+                c.queue_ns += queue_ns
+                c.inference_count += rows
+                c.last_inference_ms = int(time.time() * 1000)
+            else:
+                c.failure += 1
+                c.failure_ns += duration_ns
+
+    def record_execution(self, model: str, version: str, rows: int, compute_ns: int) -> None:
+        c = self.counters(model, version)
+        with self._lock:
+            c.exec_count += 1
+            c.compute_infer_ns += compute_ns
+            c.batch_sizes[rows] += 1
+            c.batch_ns[rows] += compute_ns
+
+    def add_pending(self, model: str, version: str, delta: int) -> None:
+        c = self.counters(model, version)
+        with self._lock:
+            c.pending += delta
+
+    def snapshot(self) -> dict[tuple[str, str], ModelCounters]:
+        with self._lock:
+            return {k: ModelCounters(**{f: (Counter(v) if isinstance(v, Counter) else v)
+                                        for f, v in vars(c).items()}) for k, c in self._counters.items()}
+
+    def render(self) -> str:
+        """Prometheus text exposition (version 0.0.4) with Triton's names and labels."""
+        families = [
+            ("nv_inference_request_success", "counter", "Number of successful inference requests",
+             lambda c: c.success),
+            ("nv_inference_request_failure", "counter", "Number of failed inference requests",
+             lambda c: c.failure),
+            ("nv_inference_count", "counter", "Number of inferences performed (batch items)",
+             lambda c: c.inference_count),
+            ("nv_inference_exec_count", "counter", "Number of model executions performed",
+             lambda c: c.exec_count),
+            ("nv_inference_request_duration_us", "counter", "Cumulative inference request duration in microseconds",
+             lambda c: (c.request_ns + c.failure_ns) // 1000),
+            ("nv_inference_queue_duration_us", "counter", "Cumulative inference queuing duration in microseconds",
+             lambda c: c.queue_ns // 1000),
+            ("nv_inference_compute_infer_duration_us", "counter",
+             "Cumulative compute inference duration in microseconds", lambda c: c.compute_infer_ns // 1000),
+            ("nv_inference_pending_request_count", "gauge", "Instantaneous number of pending requests awaiting "
+             "execution per-model", lambda c: c.pending),
+        ]
+        snap = sorted(self.snapshot().items())
+        lines: list[str] = []
+        for name, kind, help_text, value in families:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            for (model, version), c in snap:
+                lines.append(f'{name}{{model="{_escape(model)}",version="{_escape(version)}"}} {value(c)}')
+        return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+async def start_metrics_server(metrics: Metrics, host: str, port: int) -> asyncio.base_events.Server:
+    """A minimal HTTP/1.0 server: GET /metrics answers the text exposition, anything else 404."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+            path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
+            if request.startswith(b"GET ") and path.split(b"?")[0] == b"/metrics":
+                body, status = metrics.render().encode(), b"200 OK"
+                ctype = b"text/plain; version=0.0.4; charset=utf-8"
+            else:
+                body, status, ctype = b"not found: try /metrics\n", b"404 Not Found", b"text/plain"
+            writer.write(b"HTTP/1.0 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            pass  # a client that hangs up or never finishes its request gets nothing
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port)

@@ -1,0 +1,200 @@
+"""One onnxruntime session per model version: load, ready, metadata, predict and self-test; no protobuf here."""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import datatypes
+from .errors import Internal, InvalidArgument
+
+log = logging.getLogger("lstm_onnx.server")
+
+CONTRACT_KEY = "lstm_onnx.contract"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output as clients see it; -1 marks a dynamic axis (batch first when batchable)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def describe(self) -> str:
+        return "[" + ", ".join("?" if d < 0 else str(d) for d in self.shape) + "]"
+
+
+@dataclass(frozen=True)
+class StatePair:
+    """A recurrent state: the output that feeds the input back on a sequence's next request."""
+
+    input: str
+    output: str
+
+
+@dataclass
+class RuntimeOptions:
+    """How sessions are built (from the server settings)."""
+
+    provider: str = "auto"
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+
+
+@dataclass
+class ModelRuntime:
+    """A loaded ONNX model version; `predict` is synchronous and meant to run in an executor thread."""
+
+    name: str
+    version: int
+    path: Path
+    inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[TensorSpec] = field(default_factory=list)
+    state: list[StatePair] = field(default_factory=list)
+    provider: str = ""
+    parity_sample: dict | None = None
+    ready: bool = False
+    reason: str = ""
+    _session: object = None
+
+    def load(self, options: RuntimeOptions, state: list[StatePair] | None = None) -> None:
+        """Build the session on the chosen provider and read the tensors and the contract from the file."""
+        import onnxruntime as ort
+
+        providers = choose_providers(options.provider)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = options.intra_op_threads
+        so.inter_op_num_threads = options.inter_op_threads
+        so.log_severity_level = 3  # ORT's warnings (e.g. unused initializers) are not the operator's problem
+        session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
+        used = session.get_providers()[0]
+        if options.provider == "cuda" and used != CUDA:
+            raise RuntimeError(f"provider cuda was asked for, but onnxruntime fell back to {used}")
+        self._session = session
+        self.provider = "cuda" if used == CUDA else "cpu"
+        self.inputs = [_spec_of(arg) for arg in session.get_inputs()]
+        self.outputs = [_spec_of(arg) for arg in session.get_outputs()]
+        contract = _read_contract(session)
+        if contract is not None:
+            self.state = [StatePair(s["input"], s["output"]) for s in contract.get("state", [])]
+            self.parity_sample = contract.get("parity_sample")
+        elif state:
+            self.state = list(state)
+        self._check_state()
+        log.info("model loaded", extra={"fields": {"model": self.name, "version": self.version,
+                                                   "provider": self.provider, "providers": providers}})
+
+    def _check_state(self) -> None:
+        inputs = {s.name: s for s in self.inputs}
+        outputs = {s.name: s for s in self.outputs}
+        for pair in self.state:
+            if pair.input not in inputs or pair.output not in outputs:
+                raise ValueError(f"state pair {pair.input!r}->{pair.output!r}: not an input/output of the model "
+                                 f"(inputs {sorted(inputs)}, outputs {sorted(outputs)})")
+
+    @property
+    def state_inputs(self) -> set[str]:
+        return {p.input for p in self.state}
+
+    def input_spec(self, name: str) -> TensorSpec:
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        raise InvalidArgument(f"model '{self.name}' has no input '{name}', expected one of "
+                              f"{[s.name for s in self.inputs]}")
+
+    def check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
+        """Raise InvalidArgument naming the first input whose name, datatype or shape the model does not take."""
+        for name, array in inputs.items():
+            spec = self.input_spec(name)
+            got = datatypes.datatype_of_numpy(array.dtype)
+            if got != spec.datatype:
+                raise InvalidArgument(f"input '{name}': got datatype {got}, expected {spec.datatype}")
+            if len(array.shape) != len(spec.shape) or any(
+                    want >= 0 and have != want for have, want in zip(array.shape, spec.shape)):
+                raise InvalidArgument(f"input '{name}': got shape {list(array.shape)}, expected {spec.describe()}")
+        missing = [s.name for s in self.inputs if s.name not in inputs and s.name not in self.state_inputs]
+        if missing:
+            raise InvalidArgument(f"model '{self.name}': missing input(s) {missing}, got {sorted(inputs)}")
+
+    def zero_state(self, name: str, batch: int) -> np.ndarray:
+        """Zeros for an omitted state input, batch-major; the other axes must be fixed in the model."""
+        spec = self.input_spec(name)
+        rest = spec.shape[1:]
+        if any(d < 0 for d in rest):
+            raise InvalidArgument(f"input '{name}': omitted, and its shape {spec.describe()} has dynamic axes "
+                                  "besides batch, so the server cannot make zeros for it")
+        return np.zeros((batch, *rest), dtype=datatypes.numpy_of(spec.datatype))
+
+    def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Run the session; `outputs` None means all, in the model's order."""
+        names = outputs or [s.name for s in self.outputs]
+        try:
+            results = self._session.run(names, inputs)
+        except Exception as exc:  # ORT raises its own types; the client gets one line
+            raise Internal(f"model '{self.name}' version {self.version} failed: {exc}".splitlines()[0]) from exc
+        return dict(zip(names, results))
+
+    def self_test(self) -> str | None:
+        """Run the parity sample recorded at export; None when it passes or there is none, else why it failed."""
+        sample = self.parity_sample
+        if not sample:
+            return None
+        inputs = {k: decode_sample_tensor(v) for k, v in sample["inputs"].items()}
+        expected = {k: decode_sample_tensor(v) for k, v in sample["outputs"].items()}
+        atol = float(sample.get("atol", 1e-4))
+        got = self.predict(inputs, list(expected))
+        for name, want in expected.items():
+            diff = float(np.max(np.abs(got[name].astype(np.float64) - want))) if want.size else 0.0
+            if got[name].shape != want.shape or not diff <= atol:
+                return (f"self-test output '{name}': max |diff| {diff:.3g} exceeds atol {atol:g} "
+                        f"(shape {list(got[name].shape)}, expected {list(want.shape)})")
+        return None
+
+
+def decode_sample_tensor(tensor: dict) -> np.ndarray:
+    """A contract TENSOR ({"datatype", "shape", "b64"}) as a numpy array."""
+    dtype = datatypes.numpy_of(tensor["datatype"])
+    return np.frombuffer(base64.b64decode(tensor["b64"]), dtype=dtype).reshape(tensor["shape"])
+
+
+def choose_providers(requested: str) -> list[str]:
+    """onnxruntime providers for auto|cpu|cuda; CUDA is only asked for when this onnxruntime build has it,
+    because onnxruntime-gpu prints errors when asked for CUDA on a machine without it."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested == "cpu":
+        return [CPU]
+    if requested == "cuda":
+        if CUDA not in available:
+            raise RuntimeError(f"provider cuda: onnxruntime has only {available}; install onnxruntime-gpu")
+        return [CUDA, CPU]
+    return [CUDA, CPU] if CUDA in available and _cuda_device_present() else [CPU]
+
+
+def _cuda_device_present() -> bool:
+    # onnxruntime-gpu lists CUDA even with no GPU or driver; asking for it then logs errors, so look first.
+    return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists()
+
+
+def _spec_of(arg) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape)
+    return TensorSpec(arg.name, datatypes.datatype_of_ort(arg.type), shape)
+
+
+def _read_contract(session) -> dict | None:
+    raw = session.get_modelmeta().custom_metadata_map.get(CONTRACT_KEY)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"metadata '{CONTRACT_KEY}': not JSON ({exc})") from None

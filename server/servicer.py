@@ -1,0 +1,155 @@
+"""The GRPCInferenceService servicer: protobuf in, numpy to the scheduler, protobuf out; nothing else."""
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+
+from protos import grpc_service_pb2 as pb
+from protos import grpc_service_pb2_grpc as pb_grpc
+
+from . import codec
+from .errors import NotFound, status_of
+from .repository import READY, Repository
+from .scheduler import Scheduler
+
+log = logging.getLogger("lstm_onnx.server")
+
+SERVER_NAME = "lstm-onnx"
+SERVER_VERSION = "0.1.0"
+# Only what this server really does: model_configuration, statistics, repository index, sequences.
+EXTENSIONS = ["model_configuration", "statistics", "model_repository", "sequence", "streaming"]
+
+
+def _status_on_error(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
+    """Abort the call with the error's gRPC status; the one place exceptions become statuses."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context: grpc.aio.ServicerContext):
+        try:
+            return await method(self, request, context)
+        except Exception as exc:
+            code, message = status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("internal error", extra={"fields": {"rpc": method.__name__}})
+            await context.abort(code, message)
+
+    return wrapper
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """KServe v2 with Triton's extensions over the repository and scheduler."""
+
+    def __init__(self, repository: Repository, scheduler: Scheduler):
+        self.repository = repository
+        self.scheduler = scheduler
+
+    @_status_on_error
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    @_status_on_error
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.repository.ready and not self.scheduler.draining)
+
+    @_status_on_error
+    async def ModelReady(self, request, context):
+        entry = self.repository.get(request.name)
+        try:
+            ready = entry.resolve(request.version).ready
+        except NotFound:
+            raise
+        except Exception:
+            ready = False
+        return pb.ModelReadyResponse(ready=ready and not self.scheduler.draining)
+
+    @_status_on_error
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+
+    @_status_on_error
+    async def ModelMetadata(self, request, context):
+        entry = self.repository.get(request.name)
+        runtime = entry.resolve(request.version).runtime
+        response = pb.ModelMetadataResponse(
+            name=entry.name, versions=[str(v) for v in sorted(entry.versions) if entry.versions[v].ready],
+            platform=entry.config.platform)
+        for spec in runtime.inputs:
+            response.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+        for spec in runtime.outputs:
+            response.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+        return response
+
+    @_status_on_error
+    async def ModelConfig(self, request, context):
+        entry = self.repository.get(request.name)
+        if request.version:
+            entry.resolve(request.version)
+        return pb.ModelConfigResponse(config=entry.config)
+
+    @_status_on_error
+    async def ModelStatistics(self, request, context):
+        names = [request.name] if request.name else sorted(self.repository.models)
+        snapshot = self.scheduler.metrics.snapshot()
+        response = pb.ModelStatisticsResponse()
+        for name in names:
+            entry = self.repository.get(name)
+            versions = [entry.resolve(request.version).version] if request.version else sorted(
+                v for v, ver in entry.versions.items() if ver.ready)
+            for version in versions:
+                c = snapshot.get((name, str(version)))
+                stats = response.model_stats.add(name=name, version=str(version))
+                if c is None:
+                    continue
+                stats.last_inference, stats.inference_count = c.last_inference_ms, c.inference_count
+                stats.execution_count = c.exec_count
+                s = stats.inference_stats
+                s.success.count, s.success.ns = c.success, c.request_ns
+                s.fail.count, s.fail.ns = c.failure, c.failure_ns
+                s.queue.count, s.queue.ns = c.success, c.queue_ns
+                s.compute_infer.count, s.compute_infer.ns = c.exec_count, c.compute_infer_ns
+                for rows in sorted(c.batch_sizes):
+                    batch = stats.batch_stats.add(batch_size=rows)
+                    batch.compute_infer.count, batch.compute_infer.ns = c.batch_sizes[rows], c.batch_ns[rows]
+        return response
+
+    @_status_on_error
+    async def RepositoryIndex(self, request, context):
+        response = pb.RepositoryIndexResponse()
+        for name, entry in sorted(self.repository.models.items()):
+            if not entry.versions:
+                if not request.ready:
+                    response.models.add(name=name, state="UNAVAILABLE", reason=entry.reason)
+                continue
+            for number, version in sorted(entry.versions.items()):
+                if request.ready and version.state != READY:
+                    continue
+                response.models.add(name=name, version=str(number), state=version.state, reason=version.reason)
+        return response
+
+    @_status_on_error
+    async def ModelInfer(self, request, context):
+        return await self._infer(request)
+
+    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        inputs, requested, sequence = codec.decode_request(request)
+        result = await self.scheduler.infer(request.model_name, request.model_version, inputs, requested, sequence)
+        return codec.encode_response(result.model, result.version, request.id, result.outputs)
+
+    async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """One response per request, in order; a failed request answers error_message and the stream goes on."""
+        async for request in request_iterator:
+            try:
+                response = await self._infer(request)
+            except Exception as exc:
+                code, message = status_of(exc)
+                if code == grpc.StatusCode.INTERNAL:
+                    log.exception("internal error", extra={"fields": {"rpc": "ModelStreamInfer"}})
+                yield pb.ModelStreamInferResponse(
+                    error_message=message,
+                    infer_response=pb.ModelInferResponse(model_name=request.model_name,
+                                                         model_version=request.model_version, id=request.id))
+                continue
+            yield pb.ModelStreamInferResponse(infer_response=response)

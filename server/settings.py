@@ -1,0 +1,104 @@
+"""Server settings: one dataclass, each field documented where declared; LSTM_ONNX_* env, then flags override."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "LSTM_ONNX_"
+PROVIDERS = ("auto", "cpu", "cuda")
+LOG_FORMATS = ("kv", "json")
+
+
+def _setting(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class ServerSettings:
+    """Everything `lstm-onnx serve` can be told; env var = LSTM_ONNX_ + the field name upper-cased."""
+
+    model_repository: str = _setting("", "Triton-layout model repository: <repo>/<model>/[config.pbtxt], "
+                                     "<repo>/<model>/<version>/model.onnx")
+    host: str = _setting("127.0.0.1", "address to bind; loopback by default so nothing is exposed by accident")
+    grpc_port: int = _setting(8001, "gRPC port (Triton's default); 0 picks a free port")
+    metrics_port: int = _setting(8002, "Prometheus metrics port (Triton's default); 0 picks a free port, -1 disables")
+    provider: str = _setting("auto", "onnxruntime execution provider: auto uses CUDA only when it really works",
+                             choices=PROVIDERS)
+    intra_op_threads: int = _setting(0, "onnxruntime threads inside one operator; 0 lets onnxruntime decide")
+    inter_op_threads: int = _setting(0, "onnxruntime threads across operators; 0 lets onnxruntime decide")
+    executor_threads: int = _setting(4, "threads that run onnxruntime off the event loop (all models together)")
+    max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message in either direction; "
+                                      "gRPC's 4 MiB default is too small for a batch of long sequences")
+    max_batch_size: int = _setting(8, "dynamic batching: most rows merged into one run, when config.pbtxt "
+                                   "does not say (its max_batch_size wins)")
+    max_queue_delay_us: int = _setting(500, "dynamic batching: longest wait for more requests while the model is "
+                                       "busy, when config.pbtxt's dynamic_batching does not say; an idle model "
+                                       "runs at once")
+    sequence_idle_timeout_s: float = _setting(60.0, "a sequence with no request for this long is forgotten")
+    max_sequences: int = _setting(1024, "most live sequences over all models; a new one beyond it is refused")
+    grace_period_s: float = _setting(10.0, "on SIGTERM/SIGINT, how long in-flight requests get to finish")
+    log_format: str = _setting("kv", "log lines on stderr: kv (key=value) or json", choices=LOG_FORMATS)
+    log_level: str = _setting("INFO", "logging level (DEBUG, INFO, WARNING, ERROR)")
+
+    def validate(self) -> "ServerSettings":
+        """Raise ValueError naming the first setting that is out of range."""
+        if not self.model_repository:
+            raise ValueError("model_repository: got nothing, expected a directory (--model-repository or "
+                             f"{ENV_PREFIX}MODEL_REPOSITORY)")
+        if self.provider not in PROVIDERS:
+            raise ValueError(f"provider: got {self.provider!r}, expected one of {', '.join(PROVIDERS)}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format: got {self.log_format!r}, expected one of {', '.join(LOG_FORMATS)}")
+        for name in ("grpc_port", "metrics_port"):
+            value = getattr(self, name)
+            if not -1 <= value <= 65535 or (name == "grpc_port" and value < 0):
+                raise ValueError(f"{name}: got {value}, expected a port number 0..65535")
+        for name in ("executor_threads", "max_message_bytes", "max_batch_size", "max_sequences"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: got {getattr(self, name)}, expected at least 1")
+        for name in ("intra_op_threads", "inter_op_threads", "max_queue_delay_us"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: got {getattr(self, name)}, expected 0 or more")
+        if self.sequence_idle_timeout_s <= 0 or self.grace_period_s < 0:
+            raise ValueError("sequence_idle_timeout_s must be > 0 and grace_period_s >= 0, got "
+                             f"{self.sequence_idle_timeout_s} and {self.grace_period_s}")
+        return self
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable of a setting: model_repository -> LSTM_ONNX_MODEL_REPOSITORY."""
+    return ENV_PREFIX + field_name.upper()
+
+
+def _convert(f: dataclasses.Field, raw: str) -> Any:
+    kind = type(f.default)
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{env_name(f.name)}: got {raw!r}, expected {kind.__name__}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one --flag per setting; defaults are None so that only flags given override the environment."""
+    for f in dataclasses.fields(ServerSettings):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (env {env_name(f.name)}, default {f.default!r})"
+        parser.add_argument(flag, dest=f.name, type=type(f.default), default=None,
+                            choices=f.metadata.get("choices"), help=help_text)
+
+
+def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> ServerSettings:
+    """Defaults, then LSTM_ONNX_* variables, then flags; validated."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(ServerSettings):
+        if env_name(f.name) in environ:
+            values[f.name] = _convert(f, environ[env_name(f.name)])
+        flag_value = getattr(args, f.name, None) if args is not None else None
+        if flag_value is not None:
+            values[f.name] = flag_value
+    return ServerSettings(**values).validate()
