@@ -54,4 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy: handlers raise lstm_onnx.UsageError,
+    # which is a different class from __main__.UsageError.
+    from lstm_onnx import main as _main
+
+    sys.exit(_main())

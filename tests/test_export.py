@@ -58,7 +58,7 @@ def test_exported_model_runs_at_other_batch_and_time(tiny_run_dir, tmp_path):
     rng = np.random.default_rng(3)
     for batch, time in [(1, 1), (5, 13), (2, 200)]:
         x = rng.standard_normal((batch, time, config.model.input_size)).astype(np.float32)
-        state = [np.zeros((batch, 4, 8), np.float32)] * 2
+        state = [np.zeros((batch, 2, 8), np.float32)] * 2
         got = session.run(None, {"input": x, "h0": state[0], "c0": state[1]})
         with torch.no_grad():
             want = [t.numpy() for t in net(torch.from_numpy(x))]
@@ -71,7 +71,7 @@ def test_chunked_sequence_equals_whole(tiny_run_dir, tmp_path):
     export_to_repository(tiny_run_dir, tmp_path, name="m")
     session = _session(tmp_path / "m" / "1" / "model.onnx")
     x = np.random.default_rng(0).standard_normal((2, 30, 1)).astype(np.float32)
-    zeros = np.zeros((2, 4, 8), np.float32)
+    zeros = np.zeros((2, 2, 8), np.float32)
     whole = session.run(None, {"input": x, "h0": zeros, "c0": zeros})
     h, c = zeros, zeros
     for start in range(0, 30, 4):
