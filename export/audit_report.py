@@ -73,8 +73,11 @@ def format_text(audit: Audit) -> str:
         for t in audit.head:
             s = gate_stats(t.array)
             rows.append([t.name, _shape(t.array.shape), str(t.params), _num(s["mean"]), _num(s["std"]),
-                         _num(s["min"]), _num(s["max"]), ", ".join(t.consumers) or "-", _trained(audit, t.name)])
-        lines += _table(["tensor", "shape", "params", "mean", "std", "min", "max", "used by", "trained"], rows)
+                         _num(s["min"]), _num(s["max"]), ", ".join(t.consumers) or "-"])
+            if audit.checkpoint is not None:
+                rows[-1].append(_trained(audit, t.name))
+        extra = ["trained"] if audit.checkpoint is not None else []
+        lines += _table(["tensor", "shape", "params", "mean", "std", "min", "max", "used by"] + extra, rows)
     else:
         lines.append("  none")
     per_layer = ", ".join(f"{x.label} {x.params}" for x in audit.layers)
