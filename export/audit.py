@@ -151,6 +151,14 @@ class GraphIndex:
             return None
         return None
 
+    def follow_identity(self, name: str) -> str:
+        """The name behind a chain of Identity nodes, without reading any tensor."""
+        seen: set[str] = set()
+        while name not in seen and (node := self.producers.get(name)) is not None and node.op_type == "Identity":
+            seen.add(name)
+            name = node.input[0]
+        return name
+
     def _constant_value(self, node: onnx.NodeProto, name: str) -> np.ndarray:
         if name not in self._cache:
             attr = {a.name: a for a in node.attribute}
@@ -283,7 +291,9 @@ def _build_layer(audit: Audit, index: GraphIndex, k: int, node: onnx.NodeProto, 
             found = index.resolve(value)
         except ExternalDataError as exc:
             audit.add("EXTERNAL_DATA", "error", f"{layer.label} {role}: {exc}", [value])
-            found = None
+            layer.sources[role] = index.follow_identity(value)  # claimed here: not reported again as a head tensor
+            arrays[role] = None
+            continue
         else:
             if found is None and role in WEIGHT_ROLES:
                 audit.add("UNRESOLVED_WEIGHT", "error", f"{layer.label} '{name}' {role} '{value}': computed at run time or a "

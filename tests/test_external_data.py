@@ -1,0 +1,143 @@
+"""Reading untrusted bytes safely: ONNX external data (no escapes, links, or overruns) and the numpy safetensors reader."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from audit_models import contract_model, random_layers, run_cli
+from export.audit import audit_model
+from export.safetensors_reader import SafetensorsError, read_safetensors
+
+
+def _external_model(folder: Path, layers=None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    onnx.save_model(contract_model(layers=layers), str(path), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    return path
+
+
+def _edit_external(path: Path, tensor: str | None = None, **changes: str) -> None:
+    """Rewrite the external_data entries (of one tensor, or all) without touching the bytes."""
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL and tensor in (None, t.name):
+            for entry in t.external_data:
+                if entry.key in changes:
+                    entry.value = changes[entry.key]
+    onnx.save(model, str(path))
+
+
+def _external_errors(path: Path) -> list[str]:
+    return [f.message for f in audit_model(path).findings if f.code == "EXTERNAL_DATA"]
+
+
+def test_audit_reads_external_data_inside_the_model_folder(tmp_path):
+    layers = random_layers("LSTM", 2, hidden=4, input_size=3)
+    path = _external_model(tmp_path / "m", layers)
+    assert (tmp_path / "m" / "weights.bin").stat().st_size > 0
+    audit = audit_model(path)
+    assert not audit.errors, audit.findings  # the recorded digests match what was read back
+    gates = {g.key: g.array for layer in audit.layers for g in layer.gates}
+    np.testing.assert_array_equal(gates["layer1.forward.cell.R"], layers[1][1][0, 12:16])
+
+
+def test_audit_refuses_external_data_outside_the_folder(tmp_path):
+    path = _external_model(tmp_path / "m")
+    (tmp_path / "m" / "weights.bin").rename(tmp_path / "weights.bin")
+    _edit_external(path, location="../weights.bin")
+    errors = _external_errors(path)
+    assert errors and all("leaves the model folder" in e for e in errors)
+    proc = run_cli("audit", str(path))
+    assert proc.returncode == 1 and "EXTERNAL_DATA" in proc.stderr
+
+
+def test_audit_refuses_absolute_external_location(tmp_path):
+    path = _external_model(tmp_path / "m")
+    _edit_external(path, location=str(tmp_path / "m" / "weights.bin"))
+    errors = _external_errors(path)
+    assert errors and all("is absolute" in e for e in errors)
+
+
+def test_audit_refuses_symlinked_external_file(tmp_path):
+    path = _external_model(tmp_path / "m")
+    (tmp_path / "m" / "real").mkdir()
+    (tmp_path / "m" / "weights.bin").rename(tmp_path / "m" / "real" / "weights.bin")
+    (tmp_path / "m" / "weights.bin").symlink_to(tmp_path / "m" / "real" / "weights.bin")
+    errors = _external_errors(path)
+    assert errors and all("symlink" in e for e in errors)
+
+
+def test_audit_refuses_hard_linked_external_file(tmp_path):
+    path = _external_model(tmp_path / "m")
+    os.link(tmp_path / "m" / "weights.bin", tmp_path / "elsewhere.bin")
+    errors = _external_errors(path)
+    assert errors and all("2 hard links" in e for e in errors)
+
+
+def test_audit_refuses_external_length_that_does_not_fit_the_shape(tmp_path):
+    path = _external_model(tmp_path / "m")
+    _edit_external(path, tensor="layer0.R", length="8")
+    (error,) = _external_errors(path)
+    assert error.startswith("layer0 R: tensor 'layer0.R': external length 8 bytes, expected 256")
+
+
+def test_audit_refuses_external_offset_past_the_end(tmp_path):
+    path = _external_model(tmp_path / "m")
+    size = (tmp_path / "m" / "weights.bin").stat().st_size
+    _edit_external(path, tensor="head.weight", offset=str(size - 4))
+    (error,) = _external_errors(path)
+    assert "tensor 'head.weight'" in error and f"({size} bytes)" in error
+
+
+# --- the numpy-only safetensors reader -------------------------------------------------------------------
+
+
+def _write_raw(path: Path, header: dict, body: bytes) -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
+    return path
+
+
+def test_safetensors_reader_matches_the_library(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64), "c": torch.randn(2, 2).to(torch.bfloat16),
+               "d": torch.randn(6).half()}
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    got = read_safetensors(tmp_path / "t.safetensors")
+    assert set(got) == set(tensors)
+    for name, t in tensors.items():
+        np.testing.assert_array_equal(got[name], t.float().numpy() if name == "c" else t.numpy())
+
+
+@pytest.mark.parametrize("header,body,message", [
+    ({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 32]}}, b"\0" * 16, "outside the 16-byte data section"),
+    ({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}, b"\0" * 16, "12 bytes for shape [4] of F32, expected 16"),
+    ({"x": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 1]}}, b"\0", "dtype 'Q7'"),
+    ({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "shape [-1]"),
+])
+def test_safetensors_reader_refuses_bad_entries_naming_the_tensor(tmp_path, header, body, message):
+    path = _write_raw(tmp_path / "bad.safetensors", header, body)
+    with pytest.raises(SafetensorsError, match="tensor 'x'") as info:
+        read_safetensors(path)
+    assert message in str(info.value)
+
+
+def test_safetensors_reader_refuses_truncated_and_pickled_files(tmp_path):
+    (tmp_path / "short").write_bytes(b"\x01\x02")
+    with pytest.raises(SafetensorsError, match="expected at least the 8-byte header length"):
+        read_safetensors(tmp_path / "short")
+    (tmp_path / "long").write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    with pytest.raises(SafetensorsError, match="does not fit the file"):
+        read_safetensors(tmp_path / "long")
+    (tmp_path / "pickle").write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(SafetensorsError, match="looks like a pickle"):
+        read_safetensors(tmp_path / "pickle")
