@@ -1,0 +1,157 @@
+"""The server as a process: no torch imported, `lstm-onnx serve` drains on SIGTERM, `infer` and `stream` CLIs."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from server_models import sample_input
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_server_package_never_imports_torch():
+    code = ("import sys, importlib, pkgutil, server\n"
+            "for m in pkgutil.iter_modules(server.__path__): importlib.import_module('server.' + m.name)\n"
+            "bad = [m for m in ('torch', 'model', 'export') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+def _serve(repo: Path, *extra: str) -> tuple[subprocess.Popen, str, list[str], int | None]:
+    env = dict(os.environ, LSTM_ONNX_GRACE_PERIOD_S="20", LSTM_ONNX_LOG_FORMAT="json")
+    proc = subprocess.Popen([sys.executable, "lstm_onnx.py", "serve", "--model-repository", str(repo),
+                             "--grpc-port", "0", "--metrics-port", "0", *extra],
+                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    url, metrics_port = None, None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and url is None:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if '"msg": "serving"' in line:
+            url, metrics_port = json.loads(line)["grpc"], json.loads(line)["metrics_port"]
+    assert url, "server did not start:\n" + "".join(lines)
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+    return proc, url, lines, metrics_port
+
+
+def _pending(metrics_port: int) -> int:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return sum(int(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith("nv_inference_pending_request_count{"))
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(tiny_repository):
+    from server.client import ClientError, InferenceClient
+
+    proc, url, lines, metrics_port = _serve(tiny_repository)
+    try:
+        results: dict = {}
+
+        def slow_request():
+            with InferenceClient(url) as client:
+                try:
+                    results["out"] = client.infer("tiny_gru", {"input": sample_input(64, 30_000)}, outputs=["output"])
+                except ClientError as exc:
+                    results["error"] = exc
+
+        worker = threading.Thread(target=slow_request)
+        worker.start()
+        deadline = time.monotonic() + 60
+        while not _pending(metrics_port) and worker.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)  # signal only once the request is in flight on the server
+        assert worker.is_alive(), "the request finished before the signal; make it longer"
+        proc.send_signal(signal.SIGTERM)
+        worker.join(timeout=60)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "error" not in results and results["out"]["output"].shape == (64, 4)
+    events = [json.loads(l)["msg"] for l in lines if l.startswith("{")]
+    assert "signal received" in events and "draining" in events and events[-1] == "stopped"
+    with InferenceClient(url, timeout_s=5) as client:  # and it is gone
+        with pytest.raises(ClientError):
+            client.ready()
+
+
+def test_draining_server_refuses_new_requests_with_unavailable(tiny_repository):
+    import grpc
+
+    from server.app import BackgroundServer
+    from server.client import ClientError, InferenceClient
+    from server.settings import ServerSettings
+
+    with BackgroundServer(ServerSettings(model_repository=str(tiny_repository), grpc_port=0, metrics_port=-1)) as srv:
+        srv.running.scheduler.draining = True
+        with InferenceClient(srv.url) as client:
+            with pytest.raises(ClientError) as info:
+                client.infer("tiny_lstm", {"input": sample_input(1, 2)})
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE and "shutting down" in str(info.value)
+            assert not client.ready()
+        srv.running.scheduler.draining = False
+
+
+def test_infer_and_stream_commands_print_outputs(tiny_repository, tmp_path):
+    x = sample_input(1, 10, seed=9)
+    np.save(tmp_path / "x.npy", x)
+    proc, url, _, _ = _serve(tiny_repository)
+    try:
+        def cli(*args):
+            return subprocess.run([sys.executable, "lstm_onnx.py", *args], cwd=ROOT, capture_output=True,
+                                  text=True, timeout=120)
+
+        whole = cli("infer", "--url", url, "--model", "tiny_lstm", "--input", str(tmp_path / "x.npy"), "--json")
+        assert whole.returncode == 0, whole.stderr
+        whole_out = np.array(json.loads(whole.stdout)["outputs"]["output"]["data"])
+        stream = cli("stream", "--url", url, "--model", "tiny_lstm", "--input", str(tmp_path / "x.npy"),
+                     "--chunk", "3", "--json")
+        assert stream.returncode == 0, stream.stderr
+        chunks = [json.loads(l) for l in stream.stdout.splitlines()]
+        assert [c["steps"] for c in chunks] == [3, 3, 3, 1]
+        np.testing.assert_allclose(np.array(chunks[-1]["outputs"]["output"]["data"]), whole_out, atol=1e-5)
+        rand = cli("infer", "--url", url, "--model", "tiny_gru", "--random", "2,5")
+        assert rand.returncode == 0 and "output [2, 4] float32" in rand.stdout, rand.stderr
+        bad = cli("infer", "--url", url, "--model", "nope", "--random", "2,5")
+        assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr and len(bad.stderr.splitlines()) == 1
+        usage = cli("infer", "--url", url, "--model", "tiny_gru", "--random", "2")
+        assert usage.returncode == 2 and "--random" in usage.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_serve_reports_a_missing_repository_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "lstm_onnx.py", "serve", "--model-repository", str(tmp_path / "none"),
+                             "--grpc-port", "0", "--metrics-port", "-1"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "not a directory" in result.stderr.splitlines()[-1]
+
+
+def test_settings_come_from_env_and_flags_override():
+    import argparse
+
+    from server.settings import add_arguments, load_settings
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    env = {"LSTM_ONNX_MODEL_REPOSITORY": "/r", "LSTM_ONNX_GRPC_PORT": "9001", "LSTM_ONNX_MAX_SEQUENCES": "5"}
+    settings = load_settings(parser.parse_args(["--grpc-port", "9100"]), env)
+    assert (settings.model_repository, settings.grpc_port, settings.max_sequences) == ("/r", 9100, 5)
+    assert settings.max_message_bytes >= 64 * 1024 * 1024 and settings.host == "127.0.0.1"
+    with pytest.raises(ValueError, match="LSTM_ONNX_GRPC_PORT: got 'x', expected int"):
+        load_settings(None, {"LSTM_ONNX_GRPC_PORT": "x", "LSTM_ONNX_MODEL_REPOSITORY": "/r"})
+    with pytest.raises(ValueError, match="provider"):
+        load_settings(None, {"LSTM_ONNX_PROVIDER": "tpu", "LSTM_ONNX_MODEL_REPOSITORY": "/r"})
