@@ -204,7 +204,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 def topological_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """Nodes in a topological order that keeps the file's order where it is free (Kahn with a heap)."""
     produced_by = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
-    deps = [{produced_by[n] for n in node.input if n in produced_by and produced_by[n] != i} for i, node in enumerate(graph.node)]
+    deps = [{produced_by[n] for n in node.input if n in produced_by and produced_by[n] != i}
+            for i, node in enumerate(graph.node)]
     waiting = [len(d) for d in deps]
     users: dict[int, list[int]] = {}
     for i, d in enumerate(deps):
@@ -271,15 +272,15 @@ def audit_model(path: str | os.PathLike, checkpoint: str | os.PathLike | None = 
 
 
 def _build_layer(audit: Audit, index: GraphIndex, k: int, node: onnx.NodeProto, labels: dict[int, str]) -> Layer:
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    attrs = {name: (v.decode() if isinstance(v, bytes) else [x.decode() if isinstance(x, bytes) else x for x in v] if isinstance(v, list) else v) for name, v in attrs.items()}
+    attrs = _attribute_values(node)
     op = node.op_type
     direction = str(attrs.get("direction", "forward"))
     name = node.name or f"{op} #{k}"
     reads = index.trace_input(node.input[0], labels) if node.input else []
     layer = Layer(k, name, op, int(attrs.get("hidden_size", 0)), None, direction, attrs, {}, reads)
     if direction not in DIRECTIONS:
-        audit.add("MALFORMED_NODE", "error", f"{layer.label} '{name}': direction {direction!r}, expected one of {', '.join(DIRECTIONS)}")
+        audit.add("MALFORMED_NODE", "error",
+                  f"{layer.label} '{name}': direction {direction!r}, expected one of {', '.join(DIRECTIONS)}")
         return layer
     arrays: dict[str, np.ndarray | None] = {}
     for role, pos in ROLES[op].items():
@@ -296,8 +297,8 @@ def _build_layer(audit: Audit, index: GraphIndex, k: int, node: onnx.NodeProto, 
             continue
         else:
             if found is None and role in WEIGHT_ROLES:
-                audit.add("UNRESOLVED_WEIGHT", "error", f"{layer.label} '{name}' {role} '{value}': computed at run time or a "
-                          "graph input, expected an initializer or Constant the audit can read", [value])
+                audit.add("UNRESOLVED_WEIGHT", "error", f"{layer.label} '{name}' {role} '{value}': computed at run time "
+                          "or a graph input, expected an initializer or Constant the audit can read", [value])
         if found is not None and found[0] in index.inputs:
             audit.add("OVERRIDABLE_WEIGHT", "warning", f"{layer.label} {role} '{found[0]}' is also a graph input: a caller "
                       "can replace it at run time, so the audited values may not be the ones used", [found[0]])
@@ -309,13 +310,23 @@ def _build_layer(audit: Audit, index: GraphIndex, k: int, node: onnx.NodeProto, 
     if not layer.hidden_size:
         layer.hidden_size = int(arrays["R"].shape[-1]) if arrays["R"].ndim == 3 else 0
     try:
-        layer.gates = split_gates(op, k, layer.hidden_size, direction, arrays, {r: str(layer.sources.get(r)) for r in WEIGHT_ROLES})
+        names = {r: str(layer.sources.get(r)) for r in WEIGHT_ROLES}
+        layer.gates = split_gates(op, k, layer.hidden_size, direction, arrays, names)
     except GateShapeError as exc:
         audit.add("MALFORMED_NODE", "error", str(exc), [s for s in layer.sources.values() if s])
         return layer
     layer.input_size = int(arrays["W"].shape[2])
     layer.params = sum(int(a.size) for r, a in arrays.items() if a is not None)
     return layer
+
+
+def _attribute_values(node: onnx.NodeProto) -> dict[str, Any]:
+    """Node attributes as plain Python values (strings decoded), for the report."""
+    def plain(v: Any) -> Any:
+        return v.decode() if isinstance(v, bytes) else v
+
+    values = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    return {k: [plain(x) for x in v] if isinstance(v, list) else plain(v) for k, v in values.items()}
 
 
 def _collect_head(audit: Audit, index: GraphIndex, weight_sources: set[str]) -> list[HeadTensor]:

@@ -228,3 +228,20 @@ def test_audit_checkpoint_without_init_cannot_judge_training(tiny_repository, ti
 def test_audit_checkpoint_of_other_shape_is_a_mismatch(tiny_repository, tiny_gru_run_dir):
     audit = audit_model(tiny_repository / "tiny_lstm" / "1" / "model.onnx", checkpoint=tiny_gru_run_dir)
     assert [f.code for f in audit.errors] == ["CHECKPOINT_MISMATCH"]
+
+
+def test_audit_exported_bidirectional_gru_maps_reverse_rows(make_run_dir, tmp_path):
+    from export.repository import export_to_repository
+
+    run_dir = make_run_dir(cell="gru", bidirectional=True)
+    export_to_repository(run_dir, tmp_path / "repo", name="bi_gru", version=1)
+    model = tmp_path / "repo" / "bi_gru" / "1" / "model.onnx"
+    proc = run_cli("audit", str(model), "--checkpoint", str(run_dir), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    entries = {g["key"]: g for layer in report["layers"] for g in layer["gates"]}
+    h = report["layers"][0]["hidden_size"]
+    # ONNX z, r, h against PyTorch r, z, n: update comes from PyTorch's second block.
+    assert entries["layer1.reverse.update.bR"]["checkpoint"]["pytorch"] == f"rnn.bias_hh_l1_reverse[{h}:{2 * h}]"
+    assert all(e["checkpoint"]["identical"] for e in entries.values())
+    assert report["totals"]["total"] == report["totals"]["checkpoint"] == _state_dict_numel(run_dir / "model.safetensors")
