@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 
@@ -10,7 +11,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "audit",
         help="show every gate's weights of the LSTM/GRU nodes in an ONNX file, and flag suspicious ones",
-        description=run_audit.__doc__,
+        description=inspect.cleandoc(run_audit.__doc__ or ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", metavar="MODEL.onnx", help="ONNX file to audit (ours or another tool's)")
