@@ -1,0 +1,10 @@
+# The one-shot pipeline (train, export, verify, audit) with CPU torch: `.[train,cpu]`.
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md lstm_onnx.py ./
+COPY model ./model
+COPY export ./export
+COPY server ./server
+COPY protos ./protos
+RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu ".[train,cpu]"
+ENTRYPOINT ["lstm-onnx"]
