@@ -104,7 +104,7 @@ class Scheduler:
                 full = self._with_zero_state(runtime, full, rows)
                 outputs, queue_ns = await batcher.infer(full, rows)
                 seq.state = {pair.output: outputs[pair.output] for pair in runtime.state}
-                seq.last_used = time.monotonic()
+                self.sequences.touch(seq)
                 if sequence.end:
                     self.sequences.close(seq)
         names = requested or output_names

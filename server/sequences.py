@@ -65,6 +65,10 @@ class SequenceStore:
         sequence.last_used = self._clock()
         return sequence
 
+    def touch(self, sequence: Sequence) -> None:
+        """Mark a sequence used now (after its request ran), so idle time counts from the last answer."""
+        sequence.last_used = self._clock()
+
     def close(self, sequence: Sequence) -> None:
         """Forget a sequence (on sequence_end)."""
         if self._live.get(sequence.key) is sequence:
