@@ -1,0 +1,113 @@
+"""Subcommand `bench`: a bounded load generator against a running KServe v2 server; parser here, work in loadgen."""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add `bench` to the `lstm-onnx` dispatcher."""
+    bench = sub.add_parser("bench", help=cmd_bench.__doc__.splitlines()[0], description=cmd_bench.__doc__)
+    bench.add_argument("--url", default="127.0.0.1:8001", help="server address HOST:PORT (default 127.0.0.1:8001, "
+                       "loopback)")
+    bench.add_argument("--model", required=True, help="model name in the server's repository")
+    bench.add_argument("--batch", type=int, default=1, help="rows per request (default 1)")
+    bench.add_argument("--time", default="50", help="time steps per request, or LO:HI for a mixed-length load "
+                       "(default 50); with --stream, the length of each streamed sequence")
+    bench.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels of concurrent "
+                       "closed-loop clients (default 1,4,16,64)")
+    bench.add_argument("--requests", type=int, default=2000, help="most measured requests per level (default 2000)")
+    bench.add_argument("--seconds", type=float, default=5.0, help="most seconds per level (default 5)")
+    bench.add_argument("--stream", action="store_true", help="send one time step per request on ModelStreamInfer "
+                       "sequences (one stream per client) instead of unary ModelInfer")
+    bench.add_argument("--check-every", type=int, default=64, help="check one answer in this many against "
+                       "in-process onnxruntime (default 64)")
+    bench.add_argument("--model-repository", default=os.environ.get("LSTM_ONNX_MODEL_REPOSITORY", ""),
+                       help="the server's repository, read locally for the answer check (env "
+                       "LSTM_ONNX_MODEL_REPOSITORY); without it answers are not checked")
+    bench.add_argument("--json", action="store_true", help="print one JSON object per level")
+    bench.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Measure requests/s and p50/p90/p99 latency per concurrency level, count errors, and check sampled answers."""
+    import asyncio
+    import json
+    from pathlib import Path
+
+    from lstm_onnx import CheckFailed, UsageError
+
+    from . import loadgen
+
+    try:
+        levels = loadgen.parse_levels(args.concurrency)
+        times = loadgen.parse_times(args.time)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    for flag, value in (("--batch", args.batch), ("--requests", args.requests), ("--check-every", args.check_every)):
+        if value < 1:
+            raise UsageError(f"{flag}: got {value}, expected at least 1")
+    if args.seconds <= 0:
+        raise UsageError(f"--seconds: got {args.seconds}, expected more than 0")
+    if args.stream and len(times) > 1:
+        raise UsageError(f"--time: got {args.time!r} with --stream, expected one sequence length")
+    model_path = None
+    if args.model_repository:
+        model_path = _latest_model(Path(args.model_repository), args.model)
+
+    results = asyncio.run(_bench(args, levels, times, model_path))
+    if not args.json:
+        print(f"{'conc':>5} {'req':>7} {'err':>4} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} checked")
+    bad = 0
+    for r in results:
+        bad += r.errors + r.mismatches
+        if args.json:
+            print(json.dumps(r.as_dict()))
+        else:
+            check = f"{r.checked - r.mismatches}/{r.checked} ok" if model_path else "skipped"
+            print(f"{r.concurrency:>5} {r.requests:>7} {r.errors:>4} {r.rps:>9.1f} {r.p50_ms:>8.3f} {r.p90_ms:>8.3f} "
+                  f"{r.p99_ms:>8.3f} {check}")
+    failed = [r for r in results if r.errors or r.mismatches]
+    if failed:
+        r = failed[0]
+        raise CheckFailed(f"concurrency {r.concurrency}: {r.errors} errors ({r.first_error or 'none'}), "
+                          f"{r.mismatches} of {r.checked} checked answers differ from onnxruntime "
+                          f"(worst |diff| {r.worst_abs:.3g})")
+    return 0
+
+
+def _latest_model(repository, model: str):
+    from lstm_onnx import UsageError
+
+    versions = sorted((int(p.name) for p in (repository / model).glob("*") if p.name.isdigit()), reverse=True)
+    for version in versions:
+        path = repository / model / str(version) / "model.onnx"
+        if path.exists():
+            return path
+    raise UsageError(f"--model-repository {repository}: no {model}/<version>/model.onnx, expected the server's "
+                     "repository")
+
+
+async def _bench(args, levels: list[int], times: list[int], model_path):
+    from lstm_onnx import CheckFailed
+
+    from . import loadgen
+
+    async with loadgen.open_channel(args.url) as channel:
+        try:
+            metadata, optional = await loadgen.fetch_inputs_spec(channel, args.model)
+        except Exception as exc:  # grpc errors: server down, unknown model
+            raise CheckFailed(f"{args.url}: cannot read model '{args.model}': {getattr(exc, 'details', lambda: exc)()}"
+                              ) from None
+        if args.stream:
+            payloads = loadgen.make_stream_payloads(args.model, metadata, optional, args.batch, times[0], max(levels))
+        else:
+            payloads = loadgen.make_payloads(args.model, metadata, optional, args.batch, times)
+        results = []
+        for level in levels:
+            result, samples = await loadgen.run_level(channel, payloads, level, args.requests, args.seconds,
+                                                      stream=args.stream, check_every=args.check_every)
+            if model_path is not None:
+                loadgen.check_answers(result, samples, [p.inputs for p in payloads], model_path)
+            results.append(result)
+        return results

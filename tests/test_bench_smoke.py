@@ -1,0 +1,116 @@
+"""Smoke version of the bench: the load generator, its answer check, the CLI and the echo floor, on a tiny model.
+
+Correctness only: no figure here is compared with a wall-clock limit.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import numpy as np
+import pytest
+
+from server import loadgen
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_repository):
+    from server.app import BackgroundServer
+    from server.settings import ServerSettings
+
+    settings = ServerSettings(model_repository=str(tiny_repository), grpc_port=0, metrics_port=-1)
+    with BackgroundServer(settings) as server:
+        yield server
+
+
+def _measure(url: str, model: str, times: list[int], model_path, stream: bool = False, concurrency: int = 2):
+    async def go():
+        async with loadgen.open_channel(url) as channel:
+            metadata, optional = await loadgen.fetch_inputs_spec(channel, model)
+            if stream:
+                payloads = loadgen.make_stream_payloads(model, metadata, optional, 1, times[0], concurrency)
+            else:
+                payloads = loadgen.make_payloads(model, metadata, optional, 2, times)
+            result, samples = await loadgen.run_level(channel, payloads, concurrency, 24, 30.0, stream=stream,
+                                                      check_every=1, warmup=0)
+            loadgen.check_answers(result, samples, [p.inputs for p in payloads], model_path)
+            return result
+
+    return asyncio.run(go())
+
+
+def test_loadgen_answers_match_in_process_onnxruntime(tiny_server, tiny_repository):
+    result = _measure(tiny_server.url, "tiny_lstm", [3, 7], tiny_repository / "tiny_lstm" / "1" / "model.onnx")
+    assert result.errors == 0, result.first_error
+    assert result.requests == 24 and result.checked == 24
+    assert result.mismatches == 0 and result.worst_abs <= loadgen.CHECK_ATOL
+    assert result.p50_ms <= result.p90_ms <= result.p99_ms
+
+
+def test_loadgen_stream_carries_state_to_the_whole_sequence_answer(tiny_server, tiny_repository):
+    result = _measure(tiny_server.url, "tiny_lstm", [4], tiny_repository / "tiny_lstm" / "1" / "model.onnx",
+                      stream=True)
+    assert result.errors == 0, result.first_error
+    assert result.checked >= 2 and result.mismatches == 0
+
+
+def test_loadgen_check_catches_a_wrong_model(tiny_server, tiny_repository):
+    # Answers of tiny_lstm compared with tiny_gru's file must be flagged, or the check proves nothing.
+    result = _measure(tiny_server.url, "tiny_lstm", [3], tiny_repository / "tiny_gru" / "1" / "model.onnx")
+    assert result.checked > 0 and result.mismatches == result.checked
+
+
+def test_loadgen_counts_errors_for_an_unknown_model(tiny_server):
+    async def go():
+        async with loadgen.open_channel(tiny_server.url) as channel:
+            x = {"input": np.zeros((1, 2, 1), np.float32)}
+            from server import codec
+
+            payload = loadgen.Payload(x, codec.encode_request("no_such_model", x).SerializeToString())
+            return (await loadgen.run_level(channel, [payload], 1, 3, 10.0, warmup=0))[0]
+
+    result = asyncio.run(go())
+    assert result.errors == 3 and "NOT_FOUND" in result.first_error
+
+
+def _bench_args(*argv: str) -> argparse.Namespace:
+    from server import bench_cli
+
+    parser = argparse.ArgumentParser()
+    bench_cli.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["bench", *argv])
+
+
+def test_bench_command_checks_answers(tiny_server, tiny_repository, capsys):
+    args = _bench_args("--url", tiny_server.url, "--model", "tiny_lstm", "--time", "2:6", "--concurrency", "1,3",
+                       "--requests", "12", "--check-every", "2", "--model-repository", str(tiny_repository))
+    assert args.func(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:4] == ["conc", "req", "err", "req/s"]
+    assert len(out) == 3 and all(line.endswith("ok") for line in out[1:])
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--concurrency", "1,x", "--concurrency: got '1,x'"),
+    ("--time", "0", "--time: got '0'"),
+    ("--batch", "0", "--batch: got 0, expected at least 1"),
+])
+def test_bench_command_rejects_bad_flags(flag, value, message):
+    from lstm_onnx import UsageError
+
+    args = _bench_args("--model", "m", flag, value)
+    with pytest.raises(UsageError, match=message.replace("[", r"\[")):
+        args.func(args)
+
+
+def test_echo_floor_answers_the_same_requests():
+    from bench.processes import start_echo_server
+
+    with start_echo_server(100) as echo:
+        async def go():
+            async with loadgen.open_channel(echo.url) as channel:
+                payload = loadgen.Payload({}, b"\x0a\x01m")
+                return (await loadgen.run_level(channel, [payload], 2, 10, 10.0, warmup=0))[0]
+
+        result = asyncio.run(go())
+    assert result.errors == 0 and result.requests == 10
