@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import math
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,9 @@ def check_arrays(x: np.ndarray, y: np.ndarray, name: str, task: str | None = Non
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    # np.load falls back to unpickling anything that is not a zip; check first so the message says what it is
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"data file {path}: not a readable .npz archive, expected a zip of .npy arrays (np.savez)")
     try:
         # allow_pickle=False: an object array in a user file must not run code on load
         with np.load(path, allow_pickle=False) as archive:

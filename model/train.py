@@ -65,20 +65,25 @@ def prepare_data(config: RunConfig, data_path: Path | None) -> Dataset:
     m = config.model
     if data_path is not None:
         data = load_data(data_path, task=m.task, num_classes=m.num_outputs if m.task == "classification" else None)
-        source = f"data file {data_path}"
     else:
         spec = config.dataset if config.dataset.get("kind") == "default" else {}
         params = {k: v for k, v in spec.items() if k in DEFAULT_TASK_PARAMS}
         data = make_default_task(int(spec.get("seed", config.seed)), **params)
-        source = f"default task {data.spec['name']!r}"
-    if m.task != data.task:
-        raise DataError(f"{source}: holds a {data.task} task, but the model is configured for {m.task}")
-    if m.input_size != data.input_size:
-        raise DataError(f"{source}: sequences have {data.input_size} features, model input_size is {m.input_size}")
-    if m.num_outputs != data.num_outputs:
-        what = "classes" if data.task == "classification" else "regression values"
-        raise DataError(f"{source}: has {data.num_outputs} {what}, model num_outputs is {m.num_outputs}")
+    check_data_fits(config.model, data)
     return data
+
+
+def check_data_fits(model: ModelConfig, data: Dataset) -> None:
+    """Raise DataError when the data's task, feature count or outputs differ from the model config."""
+    source = f"data file {data.spec['path']}" if data.spec.get("kind") == "file" else f"default task {data.spec.get('name')!r}"
+    if model.task != data.task:
+        raise DataError(f"{source}: holds a {data.task} task, but the model is configured for {model.task}")
+    if model.input_size != data.input_size:
+        raise DataError(f"{source}: sequences have {data.input_size} features, model input_size is {model.input_size}")
+    if data.task == "classification" and model.num_outputs < data.num_outputs:
+        raise DataError(f"{source}: labels need {data.num_outputs} classes, model num_outputs is {model.num_outputs}")
+    if data.task == "regression" and model.num_outputs != data.num_outputs:
+        raise DataError(f"{source}: has {data.num_outputs} regression values, model num_outputs is {model.num_outputs}")
 
 
 def train_run(config: RunConfig, output: Path, data_path: Path | None = None, progress: bool = True,
@@ -96,6 +101,8 @@ def train_run(config: RunConfig, output: Path, data_path: Path | None = None, pr
     check_output(output)
     if data is None:
         data = prepare_data(config, Path(data_path) if data_path is not None else None)
+    else:
+        check_data_fits(config.model, data)
     run_config = dataclasses.replace(
         config, training=dataclasses.replace(config.training, seed=config.seed), dataset=data.spec)
     train_set, val_set = split_dataset(data, run_config.training.val_fraction, run_config.seed)
