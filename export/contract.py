@@ -2,22 +2,15 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
+from .gates import gate_digest, split_gates
+
 METADATA_KEY = "lstm_onnx.contract"
 CONTRACT_FORMAT = "lstm-onnx/1"
-DIRECTIONS = ("forward", "reverse")
-
-# Gate names in the order their row blocks appear inside ONNX's fused W, R and B.
-ONNX_GATES = {"lstm": ("input", "output", "forget", "cell"), "gru": ("update", "reset", "hidden")}
-# The same gates in PyTorch's fused order (weight_ih_l{k} rows): LSTM i, f, g, o; GRU r, z, n.
-TORCH_GATES = {"lstm": ("input", "forget", "cell", "output"), "gru": ("reset", "update", "hidden")}
-# Reading order for people: what one asks about first.
-DISPLAY_GATES = {"lstm": ("input", "forget", "cell", "output"), "gru": ("update", "reset", "hidden")}
 
 
 def initializer_names(layer: int) -> dict[str, str]:
@@ -25,38 +18,15 @@ def initializer_names(layer: int) -> dict[str, str]:
     return {"W": f"layer{layer}.W", "R": f"layer{layer}.R", "B": f"layer{layer}.B"}
 
 
-def gate_key(layer: int, direction: str, gate: str, part: str) -> str:
-    return f"layer{layer}.{direction}.{gate}.{part}"
-
-
-def split_gates(cell: str, W: np.ndarray, R: np.ndarray, B: np.ndarray | None) -> Iterator[tuple[str, int, str, str, np.ndarray]]:
-    """Yield (key, direction_index, gate, part, tensor) for every gate slice of one ONNX recurrent node.
-
-    W: [D, G*H, in], R: [D, G*H, H], B: [D, 2*G*H] (Wb then Rb), ONNX gate order.
-    """
-    gates = ONNX_GATES[cell]
-    hidden = R.shape[-1]
-    for d in range(W.shape[0]):
-        for g, gate in enumerate(gates):
-            rows = slice(g * hidden, (g + 1) * hidden)
-            yield gate, d, "W", W[d, rows, :]
-            yield gate, d, "R", R[d, rows, :]
-            if B is not None:
-                yield gate, d, "bW", B[d, rows]
-                yield gate, d, "bR", B[d, len(gates) * hidden + g * hidden : len(gates) * hidden + (g + 1) * hidden]
-
-
-def tensor_digest(array: np.ndarray) -> str:
-    """SHA-256 of a tensor as contiguous little-endian float32 bytes."""
-    data = np.ascontiguousarray(array, dtype="<f4")
-    return "sha256:" + hashlib.sha256(data.tobytes()).hexdigest()
-
-
 def gate_digests(cell: str, layers: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]) -> dict[str, str]:
+    """Digest of every gate slice, keyed `layer{k}.{direction}.{gate}.{part}`, exactly as the audit computes it."""
+    op = cell.upper()
     digests: dict[str, str] = {}
     for k, (W, R, B) in enumerate(layers):
-        for gate, d, part, t in split_gates(cell, W, R, B):
-            digests[gate_key(k, DIRECTIONS[d], gate, part)] = tensor_digest(t)
+        direction = "bidirectional" if W.shape[0] == 2 else "forward"
+        names = initializer_names(k)
+        for gate in split_gates(op, k, R.shape[-1], direction, {"W": W, "R": R, "B": B}, names):
+            digests[gate.key] = gate_digest(gate.array)
     return digests
 
 
