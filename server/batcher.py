@@ -139,10 +139,13 @@ class DynamicBatcher:
         try:
             outputs, _ = await self._execute(merge_inputs([item.inputs for item in batch]), rows)
             pieces = split_outputs(outputs, [item.rows for item in batch])
-        except Exception as exc:  # every request of the batch gets the error
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+        except Exception as exc:
+            if len(batch) > 1:  # one bad request must not fail the others merged with it: run each alone
+                for item in batch:
+                    await self._run([item], item.rows)
+                return
+            if not batch[0].future.done():
+                batch[0].future.set_exception(exc)
             return
         for item, piece in zip(batch, pieces):
             if not item.future.done():  # a cancelled client leaves a done future
