@@ -43,12 +43,54 @@ def _make_run(out: Path, **model) -> Path:
     return out
 
 
+def _check_server(repo: Path) -> dict:
+    """Serve the repository with --provider auto (must pick CUDA), answer unary and streamed requests."""
+    from export.parity import open_session
+    from server.app import BackgroundServer
+    from server.client import InferenceClient
+    from server.settings import ServerSettings
+
+    out: dict = {}
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((4, 50, 8)).astype(np.float32)
+    z = np.zeros((4, 3, 64), np.float32)
+    reference = open_session(repo / "lstm3x64" / "1" / "model.onnx", "CUDAExecutionProvider").run(
+        None, {"input": x, "h0": z, "c0": z})
+    for provider in ("auto", "cpu"):
+        settings = ServerSettings(model_repository=str(repo), grpc_port=0, metrics_port=-1, provider=provider)
+        started = time.perf_counter()
+        with BackgroundServer(settings) as server:
+            startup = time.perf_counter() - started
+            runtime = server.running.repository.models["lstm3x64"].versions[1].runtime
+            with InferenceClient(server.url) as client:
+                got = client.infer("lstm3x64", {"input": x})
+                latencies = []
+                one = {"input": x[:1]}
+                for _ in range(200):
+                    t0 = time.perf_counter()
+                    client.infer("lstm3x64", one)
+                    latencies.append((time.perf_counter() - t0) * 1e3)
+                chunks = [{"input": x[:, s:s + 10]} for s in range(0, 50, 10)]
+                streamed = list(client.stream_sequence("lstm3x64", chunks, sequence_id=42))
+            out[provider] = {"provider_used": runtime.provider, "startup_s": round(startup, 3),
+                             "p50_ms_b1_t50": round(float(np.percentile(latencies, 50)), 4),
+                             "p90_ms_b1_t50": round(float(np.percentile(latencies, 90)), 4)}
+            if provider == "auto":
+                out["cuda_chosen"] = runtime.provider == "cuda"
+                out["max_abs_vs_in_process"] = float(np.abs(got["output"] - reference[0]).max())
+                out["stream_vs_whole_max_abs"] = float(np.abs(streamed[-1]["output"] - reference[0]).max())
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     import onnxruntime as ort
 
+    if hasattr(ort, "preload_dlls"):
+        # onnxruntime-gpu finds the CUDA/cuDNN libraries of the nvidia-* wheels only when told to.
+        ort.preload_dlls()
     result: dict = {"host": platform.node(), "onnxruntime": ort.__version__, "providers": ort.get_available_providers()}
     try:
         result["gpu"] = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout.strip()
@@ -96,6 +138,14 @@ def main() -> int:
     result["timings"] = timings
     print(json.dumps(timings, indent=2), flush=True)
     result["repository"] = str(work / "repo")
+    try:
+        result["server"] = _check_server(work / "repo")
+        ok &= result["server"]["cuda_chosen"] and result["server"]["max_abs_vs_in_process"] <= 1e-4
+        ok &= result["server"]["stream_vs_whole_max_abs"] <= 1e-4
+    except Exception as exc:  # report what broke, keep the figures gathered so far
+        result["server"] = {"error": f"{type(exc).__name__}: {exc}"}
+        ok = False
+    print(json.dumps(result["server"], indent=2), flush=True)
     Path(args.out, "gpu_check.json").write_text(json.dumps(result, indent=2))
     return 0 if ok else 1
 
