@@ -1,6 +1,8 @@
 """Tensors between protobuf and numpy: decode_request / encode_response, and the sequence parameters."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from protos import grpc_service_pb2 as pb
@@ -47,19 +49,26 @@ def _decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | N
     shape = list(tensor.shape)
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"input '{name}': got shape {shape}, expected non-negative dims")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # Python ints: an int64 product of huge dims could wrap to the byte count sent
     if raw is not None:
         if len(raw) != count * dtype.itemsize:
             raise InvalidArgument(f"input '{name}': got {len(raw)} bytes, expected {count * dtype.itemsize} "
                                   f"for {datatype} shape {shape}")
-        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+        return _reshape(name, np.frombuffer(raw, dtype=dtype), shape)
     values = getattr(tensor.contents, _CONTENTS_FIELD.get(datatype, ""), None) if datatype != "FP16" else None
     if values is None:
         raise InvalidArgument(f"input '{name}': datatype {datatype} cannot travel in typed contents, "
                               "send it in raw_input_contents")
     if len(values) != count:
         raise InvalidArgument(f"input '{name}': got {len(values)} values, expected {count} for shape {shape}")
-    return np.asarray(values, dtype=dtype).reshape(shape)
+    return _reshape(name, np.asarray(values, dtype=dtype), shape)
+
+
+def _reshape(name: str, flat: np.ndarray, shape: list[int]) -> np.ndarray:
+    try:
+        return flat.reshape(shape)
+    except ValueError:  # an empty tensor with dims numpy cannot index, e.g. [2**62, 2**62, 0]
+        raise InvalidArgument(f"input '{name}': got shape {shape}, expected dims numpy can hold") from None
 
 
 def decode_sequence(parameters) -> SequenceControl | None:

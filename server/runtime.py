@@ -120,6 +120,9 @@ class ModelRuntime:
             if len(array.shape) != len(spec.shape) or any(
                     want >= 0 and have != want for have, want in zip(array.shape, spec.shape)):
                 raise InvalidArgument(f"input '{name}': got shape {list(array.shape)}, expected {spec.describe()}")
+            if 0 in array.shape:  # onnxruntime's LSTM/GRU return uninitialised memory as hn/cn for T = 0
+                raise InvalidArgument(f"input '{name}': got shape {list(array.shape)}, expected every axis at "
+                                      "least 1 (an empty batch or time axis has nothing to compute)")
         missing = [s.name for s in self.inputs if s.name not in inputs and s.name not in self.state_inputs]
         if missing:
             raise InvalidArgument(f"model '{self.name}': missing input(s) {missing}, got {sorted(inputs)}")
