@@ -11,6 +11,7 @@ from protos import model_config_pb2 as mc
 
 from . import datatypes
 from .errors import NotFound, Unavailable
+from .model_file import check_model_file
 from .runtime import ModelRuntime, RuntimeOptions, StatePair
 
 log = logging.getLogger("lstm_onnx.server")
@@ -133,6 +134,7 @@ class Repository:
         try:
             if not path.exists():
                 raise FileNotFoundError(f"{path}: missing")
+            check_model_file(path)  # before onnxruntime follows an external-data hard link out of the folder
             runtime.load(self.options, state=_config_state(entry.config))
             _check_config(entry.config, runtime)
             failure = runtime.self_test()
@@ -206,3 +208,8 @@ def _check_config(config: mc.ModelConfig, runtime: ModelRuntime) -> None:
             if tensor.data_type and want != specs[tensor.name].datatype:
                 raise ValueError(f"config.pbtxt {kind} '{tensor.name}': datatype {want}, but the model has "
                                  f"{specs[tensor.name].datatype}")
+            graph = specs[tensor.name].shape[1 if config.max_batch_size > 0 else 0:]  # config dims omit batch
+            dims = list(tensor.dims)
+            if dims and (len(dims) != len(graph) or any(c >= 0 and g >= 0 and c != g for c, g in zip(dims, graph))):
+                raise ValueError(f"config.pbtxt {kind} '{tensor.name}': dims {dims}, but the model has "
+                                 f"{['?' if g < 0 else g for g in graph]}")
