@@ -19,6 +19,7 @@ import protos
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 
+from . import tls
 from .metrics import Metrics, start_metrics_server
 from .repository import Repository
 from .runtime import RuntimeOptions
@@ -89,19 +90,27 @@ async def start_server(settings: ServerSettings) -> RunningServer:
     await asyncio.get_running_loop().run_in_executor(executor, repository.load_all)
     metrics = Metrics()
     sequences = SequenceStore(settings.max_sequences, settings.sequence_idle_timeout_s)
-    scheduler = Scheduler(repository, executor, metrics, sequences)
+    scheduler = Scheduler(repository, executor, metrics, sequences, settings.request_timeout_s)
 
     limits = [("grpc.max_send_message_length", settings.max_message_bytes),
               ("grpc.max_receive_message_length", settings.max_message_bytes)]
     server = grpc.aio.server(options=limits)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(repository, scheduler), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(repository, scheduler, settings.max_concurrent_streams),
+                                                      server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for file_descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
         _add_to_pool(file_descriptor)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server, pool=protos.POOL)
-    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    address = f"{settings.host}:{settings.grpc_port}"
+    if settings.tls_cert:
+        port = server.add_secure_port(address, tls.server_credentials(settings.tls_cert, settings.tls_key,
+                                                                      settings.tls_client_ca))
+    else:
+        port = server.add_insecure_port(address)
+        if not _is_loopback(settings.host):
+            log.warning("plaintext gRPC on a non-loopback address", extra={"fields": {"host": settings.host}})
     if port == 0:
         raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")
     await server.start()
@@ -118,10 +127,19 @@ async def start_server(settings: ServerSettings) -> RunningServer:
                             metrics_server)
     running._tasks.append(asyncio.get_running_loop().create_task(_evict_forever(sequences)))
     models = {f"{n}/{v}": ver.state for n, e in repository.models.items() for v, ver in e.versions.items()}
-    log.info("serving", extra={"fields": {"grpc": f"{settings.host}:{port}", "metrics_port": metrics_port,
+    log.info("serving", extra={"fields": {"grpc": f"{settings.host}:{port}", "tls": bool(settings.tls_cert), "metrics_port": metrics_port,
                                           "ready": repository.ready, "models": models,
                                           "startup_s": round(time.perf_counter() - started, 3)}})
     return running
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 async def _evict_forever(sequences: SequenceStore) -> None:

@@ -40,6 +40,12 @@ class FailedPrecondition(ServerError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class DeadlineExceeded(ServerError):
+    """The request took longer than the server's request_timeout_s."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class Internal(ServerError):
     """The model failed while running; a bug or a broken model, not the client's fault."""
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .batcher import DynamicBatcher
-from .errors import InvalidArgument, ServerError, Unavailable
+from .errors import DeadlineExceeded, InvalidArgument, ServerError, Unavailable
 from .metrics import Metrics
 from .repository import ModelVersion, Repository
 from .sequences import SequenceControl, SequenceStore
@@ -27,11 +27,13 @@ class InferResult:
 class Scheduler:
     """Entry point for every inference; knows nothing of protobuf."""
 
-    def __init__(self, repository: Repository, executor: Executor, metrics: Metrics, sequences: SequenceStore):
+    def __init__(self, repository: Repository, executor: Executor, metrics: Metrics, sequences: SequenceStore,
+                 request_timeout_s: float = 0.0):
         self.repository = repository
         self.executor = executor
         self.metrics = metrics
         self.sequences = sequences
+        self.request_timeout_s = request_timeout_s  # 0: no limit
         self.draining = False
         self.in_flight = 0
         self._batchers: dict[tuple[str, int], DynamicBatcher] = {}
@@ -58,7 +60,15 @@ class Scheduler:
         self.in_flight += 1
         self.metrics.add_pending(*labels, 1)
         try:
-            outputs, queue_ns, rows = await self._infer(entry.max_batch_size, resolved, inputs, requested, sequence)
+            work = self._infer(entry.max_batch_size, resolved, inputs, requested, sequence)
+            if self.request_timeout_s > 0:
+                try:
+                    outputs, queue_ns, rows = await asyncio.wait_for(work, self.request_timeout_s)
+                except TimeoutError:
+                    raise DeadlineExceeded(f"model '{name}': request took longer than the server's limit of "
+                                           f"{self.request_timeout_s:g} s (request_timeout_s)") from None
+            else:
+                outputs, queue_ns, rows = await work
         except ServerError:
             self.metrics.record_request(*labels, ok=False, duration_ns=time.perf_counter_ns() - start)
             raise
@@ -102,7 +112,11 @@ class Scheduler:
                                               f"'{pair.output}' has batch {carried.shape[0]}")
                     full[pair.input] = carried
                 full = self._with_zero_state(runtime, full, rows)
-                outputs, queue_ns = await batcher.infer(full, rows)
+                try:
+                    outputs, queue_ns = await batcher.infer(full, rows)
+                except asyncio.CancelledError:  # its state never came back: a later chunk must not reuse the old
+                    self.sequences.close(seq)
+                    raise
                 seq.state = {pair.output: outputs[pair.output] for pair in runtime.state}
                 self.sequences.touch(seq)
                 if sequence.end:

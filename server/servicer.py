@@ -42,9 +42,11 @@ def _status_on_error(method: Callable[..., Awaitable]) -> Callable[..., Awaitabl
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """KServe v2 with Triton's extensions over the repository and scheduler."""
 
-    def __init__(self, repository: Repository, scheduler: Scheduler):
+    def __init__(self, repository: Repository, scheduler: Scheduler, max_streams: int = 0):
         self.repository = repository
         self.scheduler = scheduler
+        self.max_streams = max_streams  # 0: no limit
+        self.open_streams = 0
 
     @_status_on_error
     async def ServerLive(self, request, context):
@@ -140,6 +142,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """One response per request, in order; a failed request answers error_message and the stream goes on."""
+        if self.max_streams and self.open_streams >= self.max_streams:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{self.open_streams} streams are open, the limit is {self.max_streams} "
+                                "(max_concurrent_streams); close one or use ModelInfer")
+        self.open_streams += 1
+        try:
+            async for response in self._stream(request_iterator):
+                yield response
+        finally:
+            self.open_streams -= 1
+
+    async def _stream(self, request_iterator) -> AsyncIterator[pb.ModelStreamInferResponse]:
         async for request in request_iterator:
             try:
                 response = await self._infer(request)

@@ -40,6 +40,15 @@ class ServerSettings:
                                        "runs at once")
     sequence_idle_timeout_s: float = _setting(60.0, "a sequence with no request for this long is forgotten")
     max_sequences: int = _setting(1024, "most live sequences over all models; a new one beyond it is refused")
+    request_timeout_s: float = _setting(60.0, "longest one request may spend in the server (queue and run) before it "
+                                        "gets DEADLINE_EXCEEDED; 0 means no limit")
+    max_concurrent_streams: int = _setting(256, "most ModelStreamInfer streams open at once over all clients; one "
+                                           "more is refused with RESOURCE_EXHAUSTED")
+    tls_cert: str = _setting("", "PEM certificate chain for the gRPC port; with --tls-key, serves TLS instead of "
+                             "plaintext")
+    tls_key: str = _setting("", "PEM private key of --tls-cert")
+    tls_client_ca: str = _setting("", "PEM CA bundle; when set, every client must present a certificate it signed "
+                                  "(mutual TLS)")
     grace_period_s: float = _setting(10.0, "on SIGTERM/SIGINT, how long in-flight requests get to finish")
     log_format: str = _setting("kv", "log lines on stderr: kv (key=value) or json", choices=LOG_FORMATS)
     log_level: str = _setting("INFO", "logging level (DEBUG, INFO, WARNING, ERROR)")
@@ -57,7 +66,13 @@ class ServerSettings:
             value = getattr(self, name)
             if not -1 <= value <= 65535 or (name == "grpc_port" and value < 0):
                 raise ValueError(f"{name}: got {value}, expected a port number 0..65535")
-        for name in ("executor_threads", "max_message_bytes", "max_batch_size", "max_sequences"):
+        if bool(self.tls_cert) != bool(self.tls_key) or (self.tls_client_ca and not self.tls_cert):
+            raise ValueError(f"tls: got cert {self.tls_cert!r}, key {self.tls_key!r}, client CA "
+                             f"{self.tls_client_ca!r}; expected cert and key together (and a client CA only with them)")
+        if self.request_timeout_s < 0:
+            raise ValueError(f"request_timeout_s: got {self.request_timeout_s}, expected 0 (no limit) or more")
+        for name in ("executor_threads", "max_message_bytes", "max_batch_size", "max_sequences",
+                     "max_concurrent_streams"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: got {getattr(self, name)}, expected at least 1")
         for name in ("intra_op_threads", "inter_op_threads", "max_queue_delay_us"):

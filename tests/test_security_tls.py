@@ -1,0 +1,183 @@
+"""TLS and mutual TLS on the gRPC port with a CA made here, loopback by default, and the limits that protect the server."""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import socket
+import threading
+
+import grpc
+import numpy as np
+import pytest
+
+from bench.reliability_requests import encode
+from protos import grpc_service_pb2 as pb
+from protos import grpc_service_pb2_grpc as pb_grpc
+
+x509 = pytest.importorskip("cryptography.x509")
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from cryptography.x509.oid import NameOID  # noqa: E402
+
+MODEL = "tiny_lstm"
+
+
+def _issue(subject: str, issuer=None, issuer_key=None, ca: bool = False, server: bool = False):
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer.subject if issuer else name)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+    cert = builder.sign(issuer_key or key, hashes.SHA256())
+    return cert, key
+
+
+def _write(path, cert, key) -> tuple[str, str]:
+    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    path.with_suffix(".key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                           serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+    return str(path.with_suffix(".crt")), str(path.with_suffix(".key"))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1, a client certificate it signed, and one a stranger signed."""
+    root = tmp_path_factory.mktemp("pki")
+    ca, ca_key = _issue("test CA", ca=True)
+    stranger, stranger_key = _issue("stranger CA", ca=True)
+    files = {"ca": _write(root / "ca", ca, ca_key)[0]}
+    files["server"] = _write(root / "server", *_issue("127.0.0.1", ca, ca_key, server=True))
+    files["client"] = _write(root / "client", *_issue("client", ca, ca_key))
+    files["rogue"] = _write(root / "rogue", *_issue("rogue", stranger, stranger_key))
+    return files
+
+
+def _serve(repository, **overrides):
+    from server.app import BackgroundServer
+    from server.settings import ServerSettings
+
+    return BackgroundServer(ServerSettings(model_repository=str(repository), grpc_port=0, metrics_port=-1,
+                                           **overrides))
+
+
+def _infer(channel) -> np.ndarray:
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    response = stub.ModelInfer(encode(MODEL, {"input": np.ones((1, 3, 1), np.float32)}), timeout=10)
+    return np.frombuffer(response.raw_output_contents[0], np.float32)
+
+
+def _secure(url: str, pki, client: str | None = None) -> grpc.Channel:
+    from server.tls import channel_credentials
+
+    cert, key = pki[client] if client else ("", "")
+    # The certificate names 127.0.0.1; the URL is that address, so hostname checks really run.
+    return grpc.secure_channel(url, channel_credentials(pki["ca"], cert, key))
+
+
+def test_tls_serves_tls_clients_and_refuses_plaintext(tiny_repository, pki):
+    with _serve(tiny_repository, tls_cert=pki["server"][0], tls_key=pki["server"][1]) as srv:
+        with _secure(srv.url, pki) as channel:
+            assert _infer(channel).shape == (4,)
+        with grpc.insecure_channel(srv.url) as channel, pytest.raises(grpc.RpcError) as caught:
+            _infer(channel)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mutual_tls_requires_a_client_certificate_from_the_ca(tiny_repository, pki):
+    with _serve(tiny_repository, tls_cert=pki["server"][0], tls_key=pki["server"][1],
+                tls_client_ca=pki["ca"]) as srv:
+        with _secure(srv.url, pki, "client") as channel:
+            assert _infer(channel).shape == (4,)
+        for who in (None, "rogue"):
+            with _secure(srv.url, pki, who) as channel, pytest.raises(grpc.RpcError) as caught:
+                _infer(channel)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, who
+
+
+def test_tls_settings_must_come_in_pairs_and_name_readable_pem_files(tmp_path, pki):
+    from server.settings import ServerSettings
+    from server.tls import server_credentials
+
+    for bad in ({"tls_cert": pki["server"][0]}, {"tls_key": pki["server"][1]}, {"tls_client_ca": pki["ca"]}):
+        with pytest.raises(ValueError, match="tls"):
+            ServerSettings(model_repository="r", **bad).validate()
+    (tmp_path / "not.pem").write_text("hello")
+    with pytest.raises(ValueError, match="not.pem: got no PEM block"):
+        server_credentials(str(tmp_path / "not.pem"), pki["server"][1])
+
+
+def _outward_address() -> str | None:
+    """This machine's address on its default route (no packet is sent), or None without one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+def test_default_binding_is_loopback_only(tiny_repository):
+    from server.settings import ServerSettings
+
+    assert ServerSettings().host == "127.0.0.1"
+    outward = _outward_address()
+    with _serve(tiny_repository) as srv:
+        with grpc.insecure_channel(srv.url) as channel:
+            assert _infer(channel).shape == (4,)
+        if outward is None:
+            pytest.skip("no non-loopback address on this machine to try")
+        with grpc.insecure_channel(f"{outward}:{srv.running.grpc_port}") as channel, \
+                pytest.raises(grpc.RpcError) as caught:
+            pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=3)
+        assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_concurrent_streams_beyond_the_limit_are_refused(tiny_repository):
+    with _serve(tiny_repository, max_concurrent_streams=2) as srv, grpc.insecure_channel(srv.url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = encode(MODEL, {"input": np.ones((1, 2, 1), np.float32)})
+        release = threading.Event()
+
+        def held_open():  # one request, then the stream stays open until released
+            yield request
+            release.wait(30)
+
+        holders = []
+        for _ in range(2):
+            call = stub.ModelStreamInfer(held_open(), timeout=30)
+            assert not next(call).error_message
+            holders.append(call)
+        third = stub.ModelStreamInfer(iter([request]), timeout=10)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(third)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_concurrent_streams" in caught.value.details()
+        release.set()
+        for call in holders:
+            list(call)  # the request iterators end: so do the streams
+        assert not next(stub.ModelStreamInfer(iter([request]), timeout=10)).error_message
+
+
+def test_request_deadline_setting_answers_deadline_exceeded_and_ends_the_sequence(tiny_repository):
+    with _serve(tiny_repository, request_timeout_s=1e-6) as srv, grpc.insecure_channel(srv.url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = encode(MODEL, {"input": np.ones((1, 2, 1), np.float32)})
+        request.parameters["sequence_id"].int64_param = 7
+        request.parameters["sequence_start"].bool_param = True
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(request, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "request_timeout_s" in caught.value.details()
+        srv.call(_noop())
+        assert len(srv.running.scheduler.sequences) == 0, "a timed-out sequence kept its stale state"
+
+
+async def _noop() -> None:
+    return None
