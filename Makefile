@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m scripts_demo
+	$(PY) examples/demo.py
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
