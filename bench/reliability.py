@@ -1,0 +1,187 @@
+"""`make reliability`: the soak, generated bad requests and fault runs against the real server, as one table."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from protos import grpc_service_pb2_grpc as pb_grpc
+
+from .reliability_faults import (
+    ServerProcess, inject_client_faults, resident_bytes, run_fragile_model, sigterm_under_load, write_fragile_model)
+from .reliability_requests import OK, encode, generate_bad_requests, good_inputs, reference_outputs, shape_of_repository
+from .reliability_soak import SoakClients, build_cases, check_outputs
+
+MODEL = "tiny_lstm"
+MESSAGE_BYTES = 1 << 20
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    run: str
+    sent: int
+    errors: int
+    wrong: int
+    memory: str = "-"
+    injected: int | str = "-"
+    survived: int | str = "-"
+    note: str = ""
+
+
+def _tiny_repository(root: Path) -> Path:
+    """A two-layer hidden-8 LSTM trained for a few steps, exported as tiny_lstm (seconds; imports torch here only)."""
+    from export.repository import export_to_repository
+    from model.config import ModelConfig, RunConfig, TrainConfig
+    from model.train import train_run
+
+    config = RunConfig(model=ModelConfig(cell="lstm", input_size=1, hidden_size=8, num_layers=2, num_outputs=4),
+                       training=TrainConfig(epochs=1, dry_run=True, seed=0), seed=0)
+    train_run(config, root / "run", data_path=None, progress=False)
+    export_to_repository(root / "run", root / "repo", name=MODEL, version=1)
+    return root / "repo"
+
+
+def _settle(srv, timeout_s: float = 15.0) -> tuple[int, int]:
+    scheduler = srv.running.scheduler
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end and (scheduler.in_flight or len(scheduler.sequences)):
+        time.sleep(0.05)
+    return len(scheduler.sequences), scheduler.in_flight
+
+
+async def _live_tasks() -> int:
+    return len(asyncio.all_tasks())
+
+
+def _bad_requests(url: str, shape, model_path: Path, count: int) -> Row:
+    """Each generated bad request, then a good one whose answer is checked (sync client: one at a time)."""
+    wrong_status, wrong_answers = 0, 0
+    rng = np.random.default_rng(0)
+    with grpc.insecure_channel(url, options=[("grpc.max_send_message_length", 4 * MESSAGE_BYTES)]) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        cases = generate_bad_requests(shape, count, seed=7)
+        for case in cases:
+            try:
+                stub.ModelInfer(case.request, timeout=30)
+                code, details = OK, ""
+            except grpc.RpcError as exc:
+                code, details = exc.code(), exc.details() or ""
+            wrong_status += code != case.code or (code != OK and (not details.strip() or "\n" in details))
+            inputs = good_inputs(rng, shape)
+            response = stub.ModelInfer(encode(MODEL, inputs), timeout=30)
+            wrong_answers += check_outputs(response, reference_outputs(model_path, inputs, shape)) is not None
+    kinds = len({c.kind for c in cases})
+    return Row("bad requests (+ a good one after each)", 2 * count, wrong_status, wrong_answers,
+               injected=count, survived=count - wrong_status, note=f"{kinds} kinds; errors = wrong status")
+
+
+def run(requests: int, clients: int, faults: int, bad: int, repository: Path | None) -> list[Row]:
+    from server.app import BackgroundServer
+    from server.settings import ServerSettings
+
+    work = Path(tempfile.mkdtemp(prefix="lstm-onnx-reliability-"))
+    try:
+        source = repository or _tiny_repository(work)
+        repo = work / "served"
+        shutil.copytree(source, repo)
+        write_fragile_model(repo)
+        shape = shape_of_repository(repo, MODEL, MESSAGE_BYTES)
+        model_path = repo / MODEL / "1" / "model.onnx"
+        unary, sequences = build_cases(model_path, shape, 64, seed=0)
+        rows = []
+        settings = ServerSettings(model_repository=str(repo), grpc_port=0, metrics_port=-1,
+                                  max_message_bytes=MESSAGE_BYTES, sequence_idle_timeout_s=1.0)
+        with BackgroundServer(settings) as srv:
+            soak = SoakClients(srv.url, shape, unary, sequences, stream_share=0.3)
+            warm = asyncio.run(soak.run(clients, min(5000, requests), time_limit_s=600, seed=1))
+            _settle(srv)
+            tasks_before, rss_before = srv.call(_live_tasks()), resident_bytes()
+            print(f"warm-up: {warm.sent} requests, {warm.errors} errors, rss {rss_before / 2**20:.1f} MiB", flush=True)
+            result = asyncio.run(soak.run(clients, requests, time_limit_s=1800, seed=2))
+            live, in_flight = _settle(srv)
+            tasks_after, rss_after = srv.call(_live_tasks()), resident_bytes()
+            rows.append(Row(f"soak: {clients} clients, 30% streamed sequences", result.sent, result.errors,
+                            result.wrong, f"{rss_before / 2**20:.0f} → {rss_after / 2**20:.0f} MiB "
+                            f"({100 * (rss_after / rss_before - 1):+.1f}%)",
+                            note=f"{result.sent / result.seconds:.0f} req/s; live sequences {live}, in flight "
+                                 f"{in_flight}, loop tasks {tasks_before} → {tasks_after}"))
+            print(f"soak: {result.sent} requests in {result.seconds:.1f} s; samples {result.samples[:3]}", flush=True)
+            rows.append(_bad_requests(srv.url, shape, model_path, bad))
+            rss_before = resident_bytes()
+            fault = asyncio.run(inject_client_faults(srv.url, shape, unary, sequences, faults, seed=3))
+            live, in_flight = _settle(srv)
+            rows.append(Row("client faults (cancel, deadline, dropped stream, no sequence_end)",
+                            2 * faults, faults - sum(fault.survived.values()), 0,
+                            f"{rss_before / 2**20:.0f} → {resident_bytes() / 2**20:.0f} MiB",
+                            sum(fault.injected.values()), sum(fault.survived.values()),
+                            f"held after idle eviction: {live} sequences, {in_flight} requests"))
+            fragile = asyncio.run(run_fragile_model(srv.url, rounds=max(1, faults // 8), seed=4))
+            rounds = sum(fragile.injected.values())
+            rows.append(Row("model run raises (1 failing among 7 concurrent)", 7 * rounds,
+                            rounds - sum(fragile.survived.values()), 0, injected=rounds,
+                            survived=sum(fragile.survived.values()), note="the failing one gets INTERNAL"))
+        process = ServerProcess(repo, "--grace-period-s", "10", "--max-message-bytes", str(MESSAGE_BYTES))
+        try:
+            server_rss = resident_bytes(process.process.pid)
+            drain = asyncio.run(sigterm_under_load(process, shape, unary, sequences, clients=32, term_after_s=3.0))
+        finally:
+            process.stop()
+        stopped = process.events("stopped")
+        rows.append(Row("SIGTERM under load (32 clients)", drain.answered + drain.refused + drain.cut, drain.cut,
+                        drain.wrong, f"{server_rss / 2**20:.0f} MiB at start", 1, int(drain.cut == 0 and
+                                                                                        drain.exit_code == 0),
+                        f"{drain.answered} answered, {drain.refused} refused cleanly, {drain.cut} cut; exit "
+                        f"{drain.exit_code}, unfinished {stopped[-1].get('unfinished') if stopped else '?'}"))
+        return rows
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def render(rows: list[Row]) -> str:
+    """The table as Markdown, with the date and machine."""
+    import onnxruntime
+
+    head = ("| run | requests sent | errors | wrong answers | memory before → after | faults injected | "
+            "faults survived | notes |\n|---|---:|---:|---:|---|---:|---:|---|\n")
+    body = "".join(f"| {r.run} | {r.sent} | {r.errors} | {r.wrong} | {r.memory} | {r.injected} | {r.survived} | "
+                   f"{r.note} |\n" for r in rows)
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
+               f"Python {platform.python_version()}, onnxruntime {onnxruntime.__version__}, grpcio {grpc.__version__}")
+    return f"Measured {datetime.date.today().isoformat()} on {machine}.\n\n{head}{body}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.reliability", description=__doc__)
+    parser.add_argument("--requests", type=int, default=50_000, help="soak requests after warm-up (default 50000)")
+    parser.add_argument("--clients", type=int, default=64, help="concurrent soak clients (default 64)")
+    parser.add_argument("--faults", type=int, default=400, help="client faults to inject (default 400)")
+    parser.add_argument("--bad", type=int, default=1000, help="generated bad requests (default 1000)")
+    parser.add_argument("--repository", type=Path, help=f"a repository with {MODEL} (default: train and export one)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # The fault runs make the in-process server log expected errors with tracebacks; the table says what happened.
+    logging.getLogger("lstm_onnx").setLevel(logging.CRITICAL)
+    rows = run(args.requests, args.clients, args.faults, args.bad, args.repository)
+    print()
+    print(render(rows))
+    failed = [r.run for r in rows if r.errors or r.wrong]
+    if failed:
+        print(f"FAILED: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
