@@ -189,7 +189,7 @@ def _fit(config: RunConfig, train_set: Dataset, val_set: Dataset, progress: bool
         for epoch in range(1, epochs + 1):
             order = torch.randperm(x.shape[0], generator=shuffle)
             seen, loss_sum = 0, 0.0
-            with tqdm(total=steps_per_epoch * t.batch_size, desc=f"epoch {epoch}/{epochs}", unit="seq",
+            with tqdm(total=min(steps_per_epoch * t.batch_size, x.shape[0]), desc=f"epoch {epoch}/{epochs}", unit="seq",
                       file=sys.stderr, disable=not show, leave=False) as bar:
                 for step in range(steps_per_epoch):
                     idx = order[step * t.batch_size:(step + 1) * t.batch_size]
