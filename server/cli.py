@@ -28,6 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     stream.add_argument("--json", action="store_true", help="print one JSON object per chunk")
     stream.set_defaults(func=cmd_stream)
 
+    from . import bench_cli
+
+    bench_cli.add_parser(sub)
+
 
 def _add_client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="127.0.0.1:8001", help="server address HOST:PORT (default 127.0.0.1:8001)")
