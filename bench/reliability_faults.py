@@ -226,14 +226,14 @@ class DrainResult:
 _CLEAN_REFUSALS = ("shutting down", "failed to connect", "connection refused", "connect failed")
 
 
-def _classify(exc: grpc.RpcError, result: DrainResult) -> None:
+def _classify(exc: grpc.RpcError, result: DrainResult, where: str) -> None:
     details = (exc.details() or "").lower()
     if exc.code() == grpc.StatusCode.UNAVAILABLE and any(words in details for words in _CLEAN_REFUSALS):
         result.refused += 1
     else:
         result.cut += 1
         if len(result.samples) < 10:
-            result.samples.append(f"{exc.code().name}: {exc.details()}")
+            result.samples.append(f"{where}: {exc.code().name}: {exc.details()}")
 
 
 async def sigterm_under_load(server: ServerProcess, shape: ModelShape, unary: list[Case], sequences: list[Case],
@@ -261,7 +261,7 @@ async def sigterm_under_load(server: ServerProcess, shape: ModelShape, unary: li
                         result.wrong += check_outputs(response, case.expected[0]) is not None
                         done = False
                     except grpc.RpcError as exc:
-                        _classify(exc, result)
+                        _classify(exc, result, "unary")
                         done = True
                 if done and stop.is_set():
                     return
@@ -299,9 +299,9 @@ async def _drain_sequence(stub, shape: ModelShape, case: Case, seq_id: str, resu
             answered += 1
     except grpc.RpcError as exc:
         if answered == 0:
-            _classify(exc, result)  # the stream was never accepted
+            _classify(exc, result, "stream, before any answer")  # the stream was never accepted
         else:  # requests written to an accepted stream that never got an answer
             for _ in range(len(requests) - answered):
-                _classify(exc, result)
+                _classify(exc, result, f"stream, after {answered} of {len(requests)} answers")
         refused = True
     return refused

@@ -30,6 +30,7 @@ from .settings import ServerSettings
 
 log = logging.getLogger("lstm_onnx.server")
 
+QUIET_S = 0.25  # on drain, how long no request must arrive before the port closes (bounded by the grace period)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
@@ -55,7 +56,11 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         log.info("draining", extra={"fields": {"in_flight": self.scheduler.in_flight, "grace_s": grace}})
         deadline = time.monotonic() + grace
-        while self.scheduler.in_flight and time.monotonic() < deadline:
+        self.scheduler.last_refused = time.monotonic()
+        # Close only once requests are done and clients have stopped sending (QUIET_S without a refusal): a
+        # call still in transit when the port closes is cut by gRPC (CANCELLED), not refused.
+        while time.monotonic() < deadline and (
+                self.scheduler.in_flight or time.monotonic() - self.scheduler.last_refused < QUIET_S):
             await asyncio.sleep(0.01)
         await self.grpc_server.stop(max(0.0, deadline - time.monotonic()))
         for task in self._tasks:

@@ -35,6 +35,7 @@ class Scheduler:
         self.sequences = sequences
         self.request_timeout_s = request_timeout_s  # 0: no limit
         self.draining = False
+        self.last_refused = 0.0  # monotonic time of the last request refused while draining
         self.in_flight = 0
         self._batchers: dict[tuple[str, int], DynamicBatcher] = {}
 
@@ -52,6 +53,7 @@ class Scheduler:
                     sequence: SequenceControl | None = None) -> InferResult:
         """Run one request; raises a ServerError subclass for anything the client should hear about."""
         if self.draining:
+            self.last_refused = time.monotonic()
             raise Unavailable("server is shutting down: no new requests")
         start = time.perf_counter_ns()
         entry = self.repository.get(name)
