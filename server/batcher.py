@@ -11,25 +11,38 @@ import numpy as np
 
 from .errors import Internal
 from .metrics import Metrics
+from .padding import pad_time
 from .runtime import ModelRuntime
 
 Inputs = dict[str, np.ndarray]
 
 
-def batch_key(inputs: Inputs) -> tuple:
+def batch_key(inputs: Inputs, time_input: str | None = None) -> tuple:
     """Requests with equal keys can be concatenated along the batch axis.
 
-    Same names, datatypes and non-batch dims for now; ragged time lengths would join here once the
-    model takes sequence_lens (the key drops T, and merge_inputs pads and adds sequence_lens).
+    Same names, datatypes and non-batch dims; for a model that takes sequence_lens (`time_input` set) the time
+    axis of that input is left out, because merge_inputs pads it.
     """
-    return tuple(sorted((name, a.dtype.str, a.shape[1:]) for name, a in inputs.items()))
+    return tuple(sorted((name, a.dtype.str, a.shape[2:] if name == time_input else a.shape[1:])
+                        for name, a in inputs.items()))
 
 
-def merge_inputs(parts: list[Inputs]) -> Inputs:
-    """Concatenate each input along axis 0."""
+def merge_inputs(parts: list[Inputs], time_input: str | None = None) -> tuple[Inputs, np.ndarray | None]:
+    """Concatenate each input along axis 0; the time input zero-padded to the longest, with each row's length.
+
+    Lengths are None when no padding was needed (every part as long as the longest).
+    """
     if len(parts) == 1:
-        return parts[0]
-    return {name: np.concatenate([p[name] for p in parts], axis=0) for name in parts[0]}
+        return parts[0], None
+    merged = {name: np.concatenate([p[name] for p in parts], axis=0) for name in parts[0] if name != time_input}
+    if time_input is None:
+        return merged, None
+    times = {p[time_input].shape[1] for p in parts}
+    if len(times) == 1:
+        merged[time_input] = np.concatenate([p[time_input] for p in parts], axis=0)
+        return merged, None
+    merged[time_input], lengths = pad_time([p[time_input] for p in parts])
+    return merged, lengths
 
 
 def split_outputs(outputs: Inputs, rows: list[int]) -> list[Inputs]:
@@ -74,6 +87,8 @@ class DynamicBatcher:
         self._worker: asyncio.Task | None = None
         self._arrived = asyncio.Event()
         self._labels = (runtime.name, str(runtime.version))
+        ragged = getattr(runtime, "ragged", None)
+        self._time_input = ragged.time_input if ragged is not None else None
 
     async def infer(self, inputs: Inputs, rows: int) -> tuple[Inputs, int]:
         """All outputs for these inputs, and the ns the request waited in the queue."""
@@ -82,21 +97,24 @@ class DynamicBatcher:
             outputs, compute_ns = await self._execute(inputs, rows)
             return outputs, max(0, self._clock() - start - compute_ns)  # waiting for an executor thread
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(inputs, rows, batch_key(inputs), future, self._clock()))
+        self._queue.append(_Pending(inputs, rows, batch_key(inputs, self._time_input), future, self._clock()))
         self._arrived.set()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._drain())
         return await future
 
-    async def _execute(self, inputs: Inputs, rows: int) -> tuple[Inputs, int]:
+    async def _execute(self, inputs: Inputs, rows: int, lengths: np.ndarray | None = None) -> tuple[Inputs, int]:
         loop = asyncio.get_running_loop()
-        outputs, compute_ns = await loop.run_in_executor(self.executor, self._timed_predict, inputs)
+        outputs, compute_ns = await loop.run_in_executor(self.executor, self._timed_predict, inputs, lengths)
         self.metrics.record_execution(*self._labels, rows, compute_ns)
         return outputs, compute_ns
 
-    def _timed_predict(self, inputs: Inputs) -> tuple[Inputs, int]:
+    def _timed_predict(self, inputs: Inputs, lengths: np.ndarray | None) -> tuple[Inputs, int]:
         start = self._clock()
-        outputs = self.runtime.predict(inputs, None)
+        if lengths is None:
+            outputs = self.runtime.predict(inputs, None)
+        else:
+            outputs = self.runtime.predict(inputs, None, lengths)
         return outputs, self._clock() - start
 
     def _take(self, key: tuple | None, room: int) -> list[_Pending]:
@@ -137,7 +155,8 @@ class DynamicBatcher:
     async def _run(self, batch: list[_Pending], rows: int) -> None:
         started = self._clock()
         try:
-            outputs, _ = await self._execute(merge_inputs([item.inputs for item in batch]), rows)
+            merged, lengths = merge_inputs([item.inputs for item in batch], self._time_input)
+            outputs, _ = await self._execute(merged, rows, lengths)
             pieces = split_outputs(outputs, [item.rows for item in batch])
         except Exception as exc:
             if len(batch) > 1:  # one bad request must not fail the others merged with it: run each alone

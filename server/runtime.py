@@ -11,6 +11,7 @@ import numpy as np
 
 from . import datatypes
 from .errors import Internal, InvalidArgument
+from .padding import RaggedPlan, add_sequence_lens
 
 log = logging.getLogger("lstm_onnx.server")
 
@@ -60,6 +61,7 @@ class ModelRuntime:
     state: list[StatePair] = field(default_factory=list)
     provider: str = ""
     parity_sample: dict | None = None
+    ragged: RaggedPlan | None = None  # set when the session takes sequence_lens, so requests of any T can merge
     ready: bool = False
     reason: str = ""
     _session: object = None
@@ -75,13 +77,15 @@ class ModelRuntime:
         so.log_severity_level = 3  # ORT's warnings (e.g. unused initializers) are not the operator's problem
         # True FP32 on CUDA: TF32 would drift ~1e-2 from what was trained and verified.
         entries = [(p, {"use_tf32": "0"}) if p == CUDA else p for p in providers]
-        session = ort.InferenceSession(str(self.path), sess_options=so, providers=entries)
+        source, self.ragged = _ragged_source(self.path)
+        session = ort.InferenceSession(source, sess_options=so, providers=entries)
         used = session.get_providers()[0]
         if options.provider == "cuda" and used != CUDA:
             raise RuntimeError(f"provider cuda was asked for, but onnxruntime fell back to {used}")
         self._session = session
         self.provider = "cuda" if used == CUDA else "cpu"
-        self.inputs = [_spec_of(arg) for arg in session.get_inputs()]
+        hidden = self.ragged.lengths_input if self.ragged else None
+        self.inputs = [_spec_of(arg) for arg in session.get_inputs() if arg.name != hidden]
         self.outputs = [_spec_of(arg) for arg in session.get_outputs()]
         contract = _read_contract(session)
         if contract is not None:
@@ -91,7 +95,8 @@ class ModelRuntime:
             self.state = list(state)
         self._check_state()
         log.info("model loaded", extra={"fields": {"model": self.name, "version": self.version,
-                                                   "provider": self.provider, "providers": providers}})
+                                                   "provider": self.provider, "providers": providers,
+                                                   "ragged": self.ragged is not None}})
 
     def _check_state(self) -> None:
         inputs = {s.name: s for s in self.inputs}
@@ -138,9 +143,16 @@ class ModelRuntime:
                                   "besides batch, so the server cannot make zeros for it")
         return np.zeros((batch, *rest), dtype=datatypes.numpy_of(spec.datatype))
 
-    def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Run the session; `outputs` None means all, in the model's order."""
+    def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
+                lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Run the session; `outputs` None means all, in the model's order. `lengths` (int32 [B]) are the real
+        time lengths of a zero-padded ragged batch; None means every row is as long as the time input."""
         names = outputs or [s.name for s in self.outputs]
+        if self.ragged is not None:
+            if lengths is None:
+                x = inputs[self.ragged.time_input]
+                lengths = np.full(x.shape[0], x.shape[1], dtype=np.int32)
+            inputs = {**inputs, self.ragged.lengths_input: lengths}
         try:
             results = self._session.run(names, inputs)
         except Exception as exc:  # ORT raises its own types; the client gets one line
@@ -162,6 +174,25 @@ class ModelRuntime:
                 return (f"self-test output '{name}': max |diff| {diff:.3g} exceeds atol {atol:g} "
                         f"(shape {list(got[name].shape)}, expected {list(want.shape)})")
         return None
+
+
+def _ragged_source(path: Path) -> tuple[str | bytes, RaggedPlan | None]:
+    """The model to open: the file's path as it is, or its bytes rewritten to take sequence_lens when safe."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+    except Exception:  # onnxruntime gives the clearer error on a bad file: let it open the path
+        return str(path), None
+    trusted = any(p.key == CONTRACT_KEY for p in model.metadata_props)
+    rewritten, plan = add_sequence_lens(model, trusted)
+    if rewritten is None:
+        log.info("ragged batching off", extra={"fields": {"path": str(path), "why": plan}})
+        return str(path), None
+    try:
+        return rewritten.SerializeToString(), plan
+    except ValueError:  # past protobuf's 2 GiB: serve the file as it is, batching equal lengths only
+        return str(path), None
 
 
 def decode_sample_tensor(tensor: dict) -> np.ndarray:
