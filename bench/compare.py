@@ -1,7 +1,7 @@
 """Before/after of a server change in one run: the server of an older commit against the working tree, interleaved.
 
 `python -m bench.compare --before <commit> [--rounds 2] [--seconds 3] [--levels 1,64] [--times 10:50]
-[--flags "--workers 2"] [--before-flags ...]`: exports the default bench model, serves it from `git archive
+[--flags "--workers 2"] [--before-flags ...] [--connections 8]`: exports the default bench model, serves it from `git archive
 <commit>` and from this tree in turn (same repository, same load), and prints req/s and p50 per level with
 the after/before ratio. Rounds alternate the two servers so that load from others on a shared machine falls
 on both alike.
@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from bench.models import DEFAULT_MODEL, DEFAULT_TIME, build_repository
-from bench.processes import ROOT, ChildServer
+from bench.processes import ROOT, ChildServer, serving_pattern
 from bench.suite import _levels_async
 from server import loadgen
 
@@ -34,7 +34,7 @@ def start_server_from(tree: Path, repository: Path, flags: list[str]) -> ChildSe
     """`serve` run from another source tree (its lstm_onnx.py, so its packages come first on sys.path)."""
     argv = [sys.executable, str(tree / "lstm_onnx.py"), "serve", "--model-repository", str(repository),
             "--grpc-port", "0", "--metrics-port", "-1", *flags]
-    return ChildServer(argv, r"msg=serving grpc=[\d.]+:(\d+)")
+    return ChildServer(argv, serving_pattern(flags))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--times", default=str(DEFAULT_TIME), help="time steps: N, or A:B for 16 lengths in A..B")
     parser.add_argument("--flags", default="", help="serve flags for the working tree's server")
     parser.add_argument("--before-flags", default="", help="serve flags for the baseline server")
+    parser.add_argument("--connections", type=int, default=1, help="client connections (several reach several "
+                        "--workers processes; default 1)")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "lstm-onnx-bench" / "compare"))
     args = parser.parse_args(argv)
     work = Path(args.work)
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.rounds):
         for label, tree, flags in (("before", before_tree, args.before_flags), ("after", ROOT, args.flags)):
             with start_server_from(tree, repo, shlex.split(flags)) as server:
-                rows = _levels_async(server.url, "lstm", levels, args.seconds, 10**6, times, model_path)
+                rows = _levels_async(server.url, "lstm", levels, args.seconds, 10**6, times, model_path,
+                                     connections=args.connections)
             bad = sum(r["mismatches"] + r["errors"] for r in rows)
             runs[label].append(rows)
             print(f"{label}: " + ", ".join(f"c{r['concurrency']} {r['rps']:.0f} req/s p50 {r['p50_ms']:.3f} ms"

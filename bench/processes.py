@@ -78,7 +78,14 @@ def start_model_server(repository: Path, *flags: str, env: dict[str, str] | None
     """`lstm-onnx serve` on a free loopback port, metrics off; returns once it logs `serving`."""
     argv = [sys.executable, "-m", "lstm_onnx", "serve", "--model-repository", str(repository), "--grpc-port", "0",
             "--metrics-port", "-1", *flags]
-    return ChildServer(argv, r"msg=serving grpc=[\d.]+:(\d+)", env)
+    return ChildServer(argv, serving_pattern(flags), env)
+
+
+def serving_pattern(flags: list[str] | tuple[str, ...]) -> str:
+    """The log line that says `serve` with these flags serves; its group is the gRPC port. With several workers
+    the supervisor logs once all of them serve (a worker's own `serving` line comes earlier)."""
+    workers = int(flags[flags.index("--workers") + 1]) if "--workers" in flags else 1
+    return r'msg="workers serving" grpc=[\d.]+:(\d+)' if workers > 1 else r"msg=serving grpc=[\d.]+:(\d+)"
 
 
 def start_echo_server(response_bytes: int) -> ChildServer:

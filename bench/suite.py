@@ -21,10 +21,14 @@ from bench.processes import ROOT, start_echo_server, start_model_server
 from server import loadgen
 
 
+WORKER_CONNECTIONS = 8  # client connections in the --workers measurement (2^-7 odds all land on one of 2)
+
+
 def _levels_async(url: str, model: str, levels: list[int], seconds: float, requests: int, times: list[int],
-                  model_path: Path | None, stream: bool = False, batch: int = 1) -> list[dict]:
+                  model_path: Path | None, stream: bool = False, batch: int = 1, connections: int = 1) -> list[dict]:
     async def go() -> list[dict]:
-        async with loadgen.open_channel(url) as channel:
+        extra = [loadgen.open_channel(url, own_connection=True) for _ in range(connections - 1)]
+        async with loadgen.open_channel(url, own_connection=connections > 1) as channel:
             if model_path is None:  # the echo floor has no metadata: send the default model's request
                 from server import codec
                 import numpy as np
@@ -40,11 +44,13 @@ def _levels_async(url: str, model: str, levels: list[int], seconds: float, reque
                     payloads = loadgen.make_payloads(model, metadata, optional, batch, times)
             rows = []
             for level in levels:
-                result, samples = await loadgen.run_level(channel, payloads, level, requests, seconds, stream=stream,
-                                                          check_every=16)
+                result, samples = await loadgen.run_level([channel, *extra], payloads, level, requests, seconds,
+                                                          stream=stream, check_every=16)
                 if model_path is not None:
                     loadgen.check_answers(result, samples, [p.inputs for p in payloads], model_path)
                 rows.append(result.as_dict())
+            for other in extra:
+                await other.close()
             return rows
 
     return asyncio.run(go())
@@ -177,9 +183,10 @@ def run_suite(work: Path, quick: bool = False, log=print) -> dict:
     figures["workers"] = {}
     if _serve_supports_workers():
         for n in (1, 2):
+            # Several connections for both N, so the kernel can spread them over the workers.
             with start_model_server(repo, "--workers", str(n)) as server:
                 figures["workers"][str(n)] = _levels_async(server.url, "lstm", [top], seconds, requests, [steps],
-                                                           model_path)[0]
+                                                           model_path, connections=WORKER_CONNECTIONS)[0]
         log(f"workers: {figures['workers']}")
     return figures
 

@@ -99,6 +99,8 @@ async def start_server(settings: ServerSettings) -> RunningServer:
 
     limits = [("grpc.max_send_message_length", settings.max_message_bytes),
               ("grpc.max_receive_message_length", settings.max_message_bytes)]
+    # Workers share one port on purpose; a single server must not silently share its port with another.
+    limits.append(("grpc.so_reuseport", 1 if settings.workers > 1 else 0))
     server = grpc.aio.server(options=limits)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(repository, scheduler, settings.max_concurrent_streams),
                                                       server)

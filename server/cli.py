@@ -43,7 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve every model of a Triton-layout repository over KServe v2 gRPC, with metrics, until SIGTERM."""
     import asyncio
 
-    from lstm_onnx import UsageError
+    from lstm_onnx import CheckFailed, UsageError
 
     from .app import serve
     from .logs import configure_logging
@@ -54,6 +54,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     configure_logging(config.log_format, config.log_level)
+    if config.workers > 1:
+        from .workers import WorkerFailed, run_workers
+
+        try:
+            return run_workers(config)
+        except OSError as exc:  # the shared port could not be bound
+            raise UsageError(f"grpc_port {config.grpc_port}: {exc}") from None
+        except WorkerFailed as exc:
+            raise CheckFailed(str(exc)) from None
     try:
         asyncio.run(serve(config))
     except (FileNotFoundError, OSError) as exc:

@@ -93,10 +93,16 @@ class _Run:
         self.first_error = self.first_error or message.splitlines()[0][:300]
 
 
-def open_channel(url: str) -> grpc.aio.Channel:
-    """An insecure aio channel with a large message limit (the server's default is 64 MiB too)."""
-    return grpc.aio.insecure_channel(url, options=[("grpc.max_send_message_length", MESSAGE_BYTES),
-                                                   ("grpc.max_receive_message_length", MESSAGE_BYTES)])
+def open_channel(url: str, own_connection: bool = False) -> grpc.aio.Channel:
+    """An insecure aio channel with a large message limit (the server's default is 64 MiB too).
+
+    `own_connection` gives the channel a connection of its own (gRPC otherwise shares one between channels with
+    equal arguments), so that several channels reach several `--workers` processes.
+    """
+    options = [("grpc.max_send_message_length", MESSAGE_BYTES), ("grpc.max_receive_message_length", MESSAGE_BYTES)]
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
+    return grpc.aio.insecure_channel(url, options=options)
 
 
 async def fetch_inputs_spec(channel: grpc.aio.Channel, model: str) -> tuple[pb.ModelMetadataResponse, set[str]]:
@@ -182,20 +188,22 @@ async def _stream_worker(call, run: _Run, payload: StreamPayload, worker: int) -
         run.fail(f"{exc.code().name}: {exc.details()}")
 
 
-async def run_level(channel: grpc.aio.Channel, payloads: list[Payload] | list[StreamPayload], concurrency: int,
+async def run_level(channel: grpc.aio.Channel | list[grpc.aio.Channel], payloads: list[Payload] | list[StreamPayload], concurrency: int,
                     max_requests: int, max_seconds: float, stream: bool = False, check_every: int = 64,
                     warmup: int | None = None) -> tuple[LevelResult, list[tuple[int, bytes]]]:
     """Run `concurrency` closed-loop workers until `max_requests` answers or `max_seconds`; return the figures
-    and the sampled raw answers (payload index or worker, response bytes) for `check_answers`."""
+    and the sampled raw answers (payload index or worker, response bytes) for `check_answers`. A list of
+    channels spreads the workers over them round-robin."""
     warmup = concurrency * 2 if warmup is None else warmup
     run = _Run(max_requests, time.perf_counter() + max_seconds, warmup, max(1, check_every))
+    channels = channel if isinstance(channel, list) else [channel]
     if stream:
-        call = channel.stream_stream(STREAM_METHOD)
-        workers = [_stream_worker(call, run, payloads[w % len(payloads)], w % len(payloads))
+        calls = [c.stream_stream(STREAM_METHOD) for c in channels]
+        workers = [_stream_worker(calls[w % len(calls)], run, payloads[w % len(payloads)], w % len(payloads))
                    for w in range(concurrency)]
     else:
-        call = channel.unary_unary(INFER_METHOD)
-        workers = [_unary_worker(call, run, payloads, w) for w in range(concurrency)]
+        calls = [c.unary_unary(INFER_METHOD) for c in channels]
+        workers = [_unary_worker(calls[w % len(calls)], run, payloads, w) for w in range(concurrency)]
     started = time.perf_counter()
     await asyncio.gather(*workers)
     seconds = time.perf_counter() - started

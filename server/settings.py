@@ -49,6 +49,9 @@ class ServerSettings:
     tls_key: str = _setting("", "PEM private key of --tls-cert")
     tls_client_ca: str = _setting("", "PEM CA bundle; when set, every client must present a certificate it signed "
                                   "(mutual TLS)")
+    workers: int = _setting(1, "server processes sharing the gRPC port (SO_REUSEPORT, Linux): a connection, and "
+                            "so every stream and sequence on it, stays on one process; worker i serves metrics on "
+                            "metrics-port + i (0: a free port each, -1: none); SIGTERM drains them all")
     grace_period_s: float = _setting(10.0, "on SIGTERM/SIGINT, how long in-flight requests get to finish")
     log_format: str = _setting("kv", "log lines on stderr: kv (key=value) or json", choices=LOG_FORMATS)
     log_level: str = _setting("INFO", "logging level (DEBUG, INFO, WARNING, ERROR)")
@@ -72,7 +75,7 @@ class ServerSettings:
         if self.request_timeout_s < 0:
             raise ValueError(f"request_timeout_s: got {self.request_timeout_s}, expected 0 (no limit) or more")
         for name in ("executor_threads", "max_message_bytes", "max_batch_size", "max_sequences",
-                     "max_concurrent_streams"):
+                     "max_concurrent_streams", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: got {getattr(self, name)}, expected at least 1")
         for name in ("intra_op_threads", "inter_op_threads", "max_queue_delay_us"):

@@ -1,0 +1,82 @@
+"""`serve --workers 2`: two processes share one gRPC port, both answer, each has its metrics port, SIGTERM drains both."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from server_models import sample_input
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _successes(metrics_port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("nv_inference_request_success{"))
+
+
+def test_two_workers_share_the_port_both_answer_and_sigterm_drains_both(tiny_repository):
+    import grpc
+
+    from protos import grpc_service_pb2_grpc as pb_grpc
+    from server.codec import decode_response, encode_request
+
+    env = dict(os.environ, LSTM_ONNX_LOG_FORMAT="json", LSTM_ONNX_GRACE_PERIOD_S="5")
+    proc = subprocess.Popen([sys.executable, "lstm_onnx.py", "serve", "--model-repository", str(tiny_repository),
+                             "--grpc-port", "0", "--metrics-port", "0", "--workers", "2", "--executor-threads", "1"],
+                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    ready = None
+    try:
+        deadline = time.monotonic() + 120
+        while ready is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            if '"msg": "workers serving"' in line:
+                ready = json.loads(line)
+        assert ready, "workers did not start:\n" + "".join(lines)
+        threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+        assert ready["workers"] == 2 and len(set(ready["metrics_ports"])) == 2
+        x = sample_input(1, 6, seed=1)
+        answers = []
+        # The kernel picks a worker per connection: a fresh connection each time (no shared subchannel)
+        # until both workers have answered; 2^-31 odds that 32 connections all land on one.
+        for _ in range(32):
+            with grpc.insecure_channel(ready["grpc"], options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                answers.append(decode_response(stub.ModelInfer(encode_request("tiny_lstm", {"input": x}), timeout=30)))
+            counts = [_successes(port) for port in ready["metrics_ports"]]
+            if all(counts):
+                break
+        assert all(counts), f"one worker answered everything: successes per worker {counts}"
+        assert sum(counts) == len(answers)
+        for answer in answers[1:]:  # same model, same weights: every worker gives the same answer
+            np.testing.assert_array_equal(answer["output"], answers[0]["output"])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    time.sleep(0.2)  # let the reader thread take the last lines
+    stopped = [json.loads(line) for line in lines if '"msg": "stopped"' in line]
+    assert code == 0, "".join(lines[-20:])
+    assert sorted(s["worker"] for s in stopped) == [0, 1], "".join(lines[-20:])
+
+
+def test_workers_flag_rejects_zero():
+    result = subprocess.run([sys.executable, "lstm_onnx.py", "serve", "--model-repository", ".", "--workers", "0"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "workers: got 0, expected at least 1" in result.stderr
