@@ -23,7 +23,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     try:
         report = export_to_repository(args.run_dir, args.repository, name=args.name, version=args.version,
-                                      opset=args.opset, atol=args.atol, max_batch_size=args.max_batch_size)
+                                      opset=args.opset, atol=args.atol, rtol=args.rtol, max_batch_size=args.max_batch_size)
     except CheckpointError as exc:
         raise UsageError(str(exc)) from None
     except ParityFailed as exc:
@@ -46,7 +46,7 @@ def run_export(args: argparse.Namespace) -> int:
         p = report["parity"]
         print(f"exported {report['path']}")
         print(f"  recurrent nodes: {', '.join(report['recurrent_nodes'])}")
-        print(f"  parity (CPU): {p['cases_run']} cases, worst abs error {p['tolerance_that_would_pass']:.3e} <= atol {p['atol']:g}")
+        print(f"  parity (CPU): {p['cases_run']} cases, atol needed {p['tolerance_that_would_pass']:.3e} <= atol {p['atol']:g} (rtol {p['rtol']:g})")
     return 0
 
 
@@ -60,7 +60,7 @@ def run_verify(args: argparse.Namespace) -> int:
     from .verification import format_verify, verify_model
 
     try:
-        report = verify_model(args.model, args.checkpoint, provider=args.provider, atol=args.atol)
+        report = verify_model(args.model, args.checkpoint, provider=args.provider, atol=args.atol, rtol=args.rtol)
     except (CheckpointError, ParityError, ExportError) as exc:
         raise UsageError(str(exc)) from None
     _write_report(report, args.report)
@@ -91,6 +91,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", type=int, default=1, help="model version folder (default 1)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14..20 (default 17)")
     p.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance for parity (default 1e-5, FP32)")
+    p.add_argument("--rtol", type=float, default=1e-5,
+                   help="relative tolerance: an element passes within atol OR within rtol*|expected| (default 1e-5; 0: absolute only)")
     p.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size in config.pbtxt (default 64)")
     p.add_argument("--report", metavar="FILE", help="also write the JSON report here (kept on failure too)")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of a summary")
@@ -108,6 +110,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--provider", default="all", choices=("cpu", "cuda", "all"),
                    help="onnxruntime provider(s) to compare (all: every available one; default all)")
     v.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5, FP32)")
+    v.add_argument("--rtol", type=float, default=1e-5,
+                   help="relative tolerance: an element passes within atol OR within rtol*|expected| (default 1e-5; 0: absolute only)")
     v.add_argument("--report", metavar="FILE", help="also write the JSON report here")
     v.add_argument("--json", action="store_true", help="print the JSON report instead of a table")
     v.set_defaults(func=run_verify)

@@ -12,7 +12,7 @@ from typing import Any
 
 from .contract import encode_tensor
 from .onnx_export import DEFAULT_OPSET, ExportError, export_onnx, set_contract
-from .parity import DEFAULT_ATOL, make_sample, run_parity
+from .parity import DEFAULT_ATOL, DEFAULT_RTOL, make_sample, run_parity
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.pbtxt"
@@ -66,7 +66,7 @@ def _check_name(name: str) -> None:
 
 
 def export_to_repository(run_dir: str | os.PathLike, repository: str | os.PathLike, name: str | None = None,
-                         version: int = 1, opset: int = DEFAULT_OPSET, atol: float = DEFAULT_ATOL,
+                         version: int = 1, opset: int = DEFAULT_OPSET, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
                          max_batch_size: int = DEFAULT_MAX_BATCH) -> dict[str, Any]:
     """Export a run to `<repository>/<name>/<version>/model.onnx` with config.pbtxt and a JSON report.
 
@@ -87,10 +87,10 @@ def export_to_repository(run_dir: str | os.PathLike, repository: str | os.PathLi
         raise ExportError(f"max_batch_size: got {max_batch_size}, expected at least 1")
     checkpoint_digest = file_digest(run_dir / WEIGHTS_FILE)
     model, contract = export_onnx(net, checkpoint_digest, opset)
-    parity = run_parity(net, model.SerializeToString(), ["CPUExecutionProvider"], atol=atol)
+    parity = run_parity(net, model.SerializeToString(), ["CPUExecutionProvider"], atol=atol, rtol=rtol)
     sample_in, sample_out = make_sample(net)
-    contract["parity"] = {k: parity[k] for k in ("passed", "atol", "providers", "cases_run", "cases_failed",
-                                                 "worst_abs_error", "tolerance_that_would_pass")}
+    contract["parity"] = {k: parity[k] for k in ("passed", "atol", "rtol", "providers", "cases_run", "cases_failed",
+                                                 "worst_abs_error", "tolerance_that_would_pass", "fp32_floor")}
     contract["parity_sample"] = {
         "inputs": {k: encode_tensor(v) for k, v in sample_in.items()},
         "outputs": {k: encode_tensor(v) for k, v in sample_out.items()},
@@ -111,8 +111,8 @@ def export_to_repository(run_dir: str | os.PathLike, repository: str | os.PathLi
     if not parity["passed"]:
         report["seconds"] = round(time.perf_counter() - started, 3)
         raise ParityFailed(
-            f"parity failed in {parity['cases_failed']} of {parity['cases_run']} cases: worst absolute error "
-            f"{parity['tolerance_that_would_pass']:.3g} > atol {atol:g}; nothing was written", report)
+            f"parity failed in {parity['cases_failed']} of {parity['cases_run']} cases: atol needed "
+            f"{parity['tolerance_that_would_pass']:.3g} > atol {atol:g} (rtol {rtol:g}); nothing was written", report)
 
     repository = Path(repository)
     repository.mkdir(parents=True, exist_ok=True)

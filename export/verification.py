@@ -8,10 +8,11 @@ import onnx
 
 from .contract import read_contract
 from .onnx_export import ExportError, check_explicit
-from .parity import DEFAULT_ATOL, resolve_providers, run_parity
+from .parity import DEFAULT_ATOL, DEFAULT_RTOL, resolve_providers, run_parity
 
 
-def verify_model(model_path: str | Path, run_dir: str | Path, provider: str = "all", atol: float = DEFAULT_ATOL) -> dict[str, Any]:
+def verify_model(model_path: str | Path, run_dir: str | Path, provider: str = "all", atol: float = DEFAULT_ATOL,
+                 rtol: float = DEFAULT_RTOL) -> dict[str, Any]:
     """Compare PyTorch eager (from the run directory) with onnxruntime on the chosen providers.
 
     Also checks that the ONNX graph has one explicit recurrent node per layer and that the
@@ -46,7 +47,7 @@ def verify_model(model_path: str | Path, run_dir: str | Path, provider: str = "a
                        "message": None if same else f"model records {contract.get('checkpoint_digest')}, run has {digest}"})
 
     providers = resolve_providers(provider)
-    parity = run_parity(net, model_path, providers, atol=atol)
+    parity = run_parity(net, model_path, providers, atol=atol, rtol=rtol)
     checks.append({"check": "parity", "passed": parity["passed"]})
     passed = all(c["passed"] is not False for c in checks)
     return {
@@ -66,15 +67,20 @@ def format_verify(report: dict[str, Any]) -> str:
     for c in report["checks"]:
         mark = {True: "ok", False: "FAIL", None: "n/a"}[c["passed"]]
         lines.append(f"  {c['check']:<26} {mark}" + (f"  ({c['message']})" if c.get("message") else ""))
-    lines.append(f"  {'provider':<22} {'output':<8} {'cases':>5} {'max abs':>11} {'max rel':>11}")
+    lines.append(f"  {'provider':<22} {'output':<8} {'cases':>5} {'max abs':>11} {'max rel':>11} {'atol needed':>12}")
     for provider in parity["providers"]:
         cases = [c for c in parity["cases"] if c["provider"] == provider]
         for out in cases[0]["outputs"] if cases else []:
             mabs = max(c["outputs"][out]["max_abs"] for c in cases)
             mrel = max(c["outputs"][out]["max_rel"] for c in cases)
-            lines.append(f"  {provider:<22} {out:<8} {len(cases):>5} {mabs:>11.3e} {mrel:>11.3e}")
+            need = max(c["outputs"][out]["atol_needed"] for c in cases)
+            lines.append(f"  {provider:<22} {out:<8} {len(cases):>5} {mabs:>11.3e} {mrel:>11.3e} {need:>12.3e}")
+    floor = parity.get("fp32_floor", {})
+    if floor:
+        lines.append("  PyTorch FP32 vs FP64 on the same cases (FP32's own accuracy): "
+                     + ", ".join(f"{k} {v:.2e}" for k, v in floor.items()))
     lines.append(
-        f"  {parity['cases_run']} cases, {parity['cases_failed']} failed at atol {parity['atol']:g}; "
+        f"  {parity['cases_run']} cases, {parity['cases_failed']} failed at atol {parity['atol']:g}, rtol {parity['rtol']:g}; "
         f"tolerance that would have passed: {parity['tolerance_that_would_pass']:.3e}"
     )
     lines.append("PASSED" if report["passed"] else "FAILED")

@@ -166,6 +166,9 @@ def test_verify_cli_passes_and_reports_tolerance(tiny_run_dir, tmp_path):
     names = {c["case"] for c in report["parity"]["cases"]}
     assert {"random-state", "zero-nostate", "large-state", "chunked-7"} <= names
     assert {(c["batch"], c["time"]) for c in report["parity"]["cases"]} >= {(1, 1), (3, 7), (16, 64)}
+    # FP32's own distance from FP64 is measured on the same cases, to judge the tolerance against.
+    assert set(report["parity"]["fp32_floor"]) == {"output", "hn", "cn"}
+    assert all(0 <= v < 1e-3 for v in report["parity"]["fp32_floor"].values())
     text = _cli("verify", str(tmp_path / "m" / "1" / "model.onnx"), "--checkpoint", str(tiny_run_dir))
     assert "tolerance that would have passed" in text.stdout and "PASSED" in text.stdout
 
