@@ -84,7 +84,7 @@ class DynamicBatcher:
         self.merge = merge
         self._clock = clock
         self._queue: list[_Pending] = []
-        self._worker: asyncio.Task | None = None
+        self._worker: asyncio.Future | None = None  # the drain task, or the executor job of an inline run
         self._arrived = asyncio.Event()
         self._labels = (runtime.name, str(runtime.version))
         ragged = getattr(runtime, "ragged", None)
@@ -96,12 +96,34 @@ class DynamicBatcher:
             start = self._clock()
             outputs, compute_ns = await self._execute(inputs, rows)
             return outputs, max(0, self._clock() - start - compute_ns)  # waiting for an executor thread
+        if not self._queue and (self._worker is None or self._worker.done()):
+            return await self._run_inline(inputs, rows)
         future = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(inputs, rows, batch_key(inputs, self._time_input), future, self._clock()))
         self._arrived.set()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._drain())
         return await future
+
+    async def _run_inline(self, inputs: Inputs, rows: int) -> tuple[Inputs, int]:
+        """Idle model: run in the caller's task, saving a task and a future per request at low load.
+
+        The run marks the model busy until its executor job ends, even if the caller is cancelled, so that runs
+        stay one at a time; requests arriving meanwhile queue, and a drain task starts when the job ends.
+        """
+        loop = asyncio.get_running_loop()
+        start = self._clock()
+        job = loop.run_in_executor(self.executor, self._timed_predict, inputs, None)
+        self._worker = job
+        job.add_done_callback(lambda done: self._after_inline(done, rows))
+        outputs, compute_ns = await asyncio.shield(job)
+        return outputs, max(0, self._clock() - start - compute_ns)  # waiting for an executor thread
+
+    def _after_inline(self, job: asyncio.Future, rows: int) -> None:
+        if not job.cancelled() and job.exception() is None:
+            self.metrics.record_execution(*self._labels, rows, job.result()[1])
+        if self._queue and self._worker is job:
+            self._worker = asyncio.get_running_loop().create_task(self._drain(busy=True))
 
     async def _execute(self, inputs: Inputs, rows: int, lengths: np.ndarray | None = None) -> tuple[Inputs, int]:
         loop = asyncio.get_running_loop()
@@ -129,8 +151,7 @@ class DynamicBatcher:
         self._queue = kept
         return taken
 
-    async def _drain(self) -> None:
-        busy = False
+    async def _drain(self, busy: bool = False) -> None:
         while self._queue:
             batch = self._take(None, self.max_batch_size)
             rows = sum(item.rows for item in batch)

@@ -65,7 +65,9 @@ class Scheduler:
             work = self._infer(entry.max_batch_size, resolved, inputs, requested, sequence)
             if self.request_timeout_s > 0:
                 try:
-                    outputs, queue_ns, rows = await asyncio.wait_for(work, self.request_timeout_s)
+                    # asyncio.timeout, not wait_for: wait_for wraps the work in a task of its own per request.
+                    async with asyncio.timeout(self.request_timeout_s):
+                        outputs, queue_ns, rows = await work
                 except TimeoutError:
                     raise DeadlineExceeded(f"model '{name}': request took longer than the server's limit of "
                                            f"{self.request_timeout_s:g} s (request_timeout_s)") from None
