@@ -168,6 +168,22 @@ async def serve(settings: ServerSettings) -> None:
     await running.stop()
 
 
+def run_event_loop(main, kind: str = "auto"):
+    """Run a coroutine to completion on the chosen loop: uvloop (when `kind` is uvloop, or auto and installed)
+    or asyncio's own."""
+    factory = None
+    if kind != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                raise OSError("event_loop uvloop: uvloop is not installed (pip install uvloop)") from None
+        else:
+            factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
 class BackgroundServer:
     """The real server on its own event loop in a thread (tests, embedding): `with BackgroundServer(s) as srv:`."""
 

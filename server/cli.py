@@ -41,11 +41,9 @@ def _add_client_flags(parser: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve every model of a Triton-layout repository over KServe v2 gRPC, with metrics, until SIGTERM."""
-    import asyncio
-
     from lstm_onnx import CheckFailed, UsageError
 
-    from .app import serve
+    from .app import run_event_loop, serve
     from .logs import configure_logging
     from .settings import load_settings
 
@@ -64,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except WorkerFailed as exc:
             raise CheckFailed(str(exc)) from None
     try:
-        asyncio.run(serve(config))
+        run_event_loop(serve(config), config.event_loop)
     except (FileNotFoundError, OSError) as exc:
         raise UsageError(str(exc)) from None
     return 0

@@ -11,6 +11,7 @@ from typing import Any
 ENV_PREFIX = "LSTM_ONNX_"
 PROVIDERS = ("auto", "cpu", "cuda")
 LOG_FORMATS = ("kv", "json")
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 
 
 def _setting(default: Any, help: str, **extra: Any) -> Any:
@@ -52,6 +53,8 @@ class ServerSettings:
     workers: int = _setting(1, "server processes sharing the gRPC port (SO_REUSEPORT, Linux): a connection, and "
                             "so every stream and sequence on it, stays on one process; worker i serves metrics on "
                             "metrics-port + i (0: a free port each, -1: none); SIGTERM drains them all")
+    event_loop: str = _setting("auto", "event loop under grpc.aio: auto uses uvloop when it is installed (cheaper "
+                               "per request), else asyncio's own", choices=EVENT_LOOPS)
     grace_period_s: float = _setting(10.0, "on SIGTERM/SIGINT, how long in-flight requests get to finish")
     log_format: str = _setting("kv", "log lines on stderr: kv (key=value) or json", choices=LOG_FORMATS)
     log_level: str = _setting("INFO", "logging level (DEBUG, INFO, WARNING, ERROR)")
@@ -63,6 +66,8 @@ class ServerSettings:
                              f"{ENV_PREFIX}MODEL_REPOSITORY)")
         if self.provider not in PROVIDERS:
             raise ValueError(f"provider: got {self.provider!r}, expected one of {', '.join(PROVIDERS)}")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ValueError(f"event_loop: got {self.event_loop!r}, expected one of {', '.join(EVENT_LOOPS)}")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"log_format: got {self.log_format!r}, expected one of {', '.join(LOG_FORMATS)}")
         for name in ("grpc_port", "metrics_port"):

@@ -51,7 +51,9 @@ def _worker_main(settings: ServerSettings, index: int, ready: Connection) -> Non
     for handler in logging.getLogger("lstm_onnx").handlers:
         handler.addFilter(_WorkerField(index))
     try:
-        asyncio.run(_serve_worker(settings, ready))
+        from .app import run_event_loop
+
+        run_event_loop(_serve_worker(settings, ready), settings.event_loop)
     except Exception as exc:  # the parent reports it in one line
         ready.send(("failed", f"worker {index}: {type(exc).__name__}: {exc}".splitlines()[0]))
         raise SystemExit(1) from None

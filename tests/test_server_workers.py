@@ -80,3 +80,20 @@ def test_workers_flag_rejects_zero():
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "workers: got 0, expected at least 1" in result.stderr
+
+
+def test_event_loop_setting_picks_the_loop():
+    import asyncio
+
+    from server.app import run_event_loop
+
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert run_event_loop(loop_module(), "asyncio").startswith("asyncio")
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return
+    assert run_event_loop(loop_module(), "uvloop").startswith("uvloop")
+    assert run_event_loop(loop_module(), "auto").startswith("uvloop")
