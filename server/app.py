@@ -88,7 +88,8 @@ async def start_server(settings: ServerSettings) -> RunningServer:
     """Load the repository and start gRPC and metrics; returns once the server is SERVING."""
     started = time.perf_counter()
     executor = ThreadPoolExecutor(max_workers=settings.executor_threads, thread_name_prefix="ort")
-    options = RuntimeOptions(settings.provider, settings.intra_op_threads, settings.inter_op_threads)
+    options = RuntimeOptions(settings.provider, settings.intra_op_threads, settings.inter_op_threads,
+                             spinning=settings.intra_op_spinning == "on")
     repository = Repository(Path(settings.model_repository), options, settings.max_batch_size,
                             settings.max_queue_delay_us)
     # Loading builds sessions and self-tests them: off the loop so a slow model does not block signals.

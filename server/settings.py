@@ -31,6 +31,9 @@ class ServerSettings:
                              choices=PROVIDERS)
     intra_op_threads: int = _setting(0, "onnxruntime threads inside one operator; 0 lets onnxruntime decide")
     inter_op_threads: int = _setting(0, "onnxruntime threads across operators; 0 lets onnxruntime decide")
+    intra_op_spinning: str = _setting("off", "on: idle onnxruntime threads busy-wait for work (lower latency on "
+                                      "dedicated cores); off leaves the CPU to the gRPC event loop",
+                                      choices=("off", "on"))
     executor_threads: int = _setting(4, "threads that run onnxruntime off the event loop (all models together)")
     max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message in either direction; "
                                       "gRPC's 4 MiB default is too small for a batch of long sequences")
@@ -66,6 +69,8 @@ class ServerSettings:
                              f"{ENV_PREFIX}MODEL_REPOSITORY)")
         if self.provider not in PROVIDERS:
             raise ValueError(f"provider: got {self.provider!r}, expected one of {', '.join(PROVIDERS)}")
+        if self.intra_op_spinning not in ("off", "on"):
+            raise ValueError(f"intra_op_spinning: got {self.intra_op_spinning!r}, expected off or on")
         if self.event_loop not in EVENT_LOOPS:
             raise ValueError(f"event_loop: got {self.event_loop!r}, expected one of {', '.join(EVENT_LOOPS)}")
         if self.log_format not in LOG_FORMATS:
