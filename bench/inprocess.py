@@ -67,10 +67,51 @@ def compare_torch(run_dir: Path, model_path: Path, batches: list[int], steps: in
             torch_ms = time_call(lambda: net(*tensors), repeat)
             want = net(*tensors)[0].numpy()
         got = session.run(["output"], feed)[0]
+        floor_ms = measure_recurrent_floor(batch, steps, cfg.hidden_size, cfg.num_layers * cfg.num_directions)
         rows.append({"hidden": cfg.hidden_size, "batch": batch, "steps": steps, "threads": threads,
-                     "ort_ms": ort_ms, "torch_ms": torch_ms, "speedup": torch_ms / ort_ms,
+                     "ort_ms": ort_ms, "torch_ms": torch_ms, "speedup": torch_ms / ort_ms, "floor_ms": floor_ms,
+                     "torch_threads": torch.get_num_threads(),
                      "max_abs_diff": float(np.max(np.abs(got - want)))})
     return rows
+
+
+def _recurrent_chain_model(batch: int, hidden: int, chain: int) -> bytes:
+    """`chain` dependent MatMuls [B, H] @ [H, 4H], each next one fed the first H columns of the last: the recurrent
+    GEMMs of a stacked LSTM run back to back, with no gates, no input projection and no other work."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    # N(0, 1/H) entries keep the activations' scale along the chain: no overflow, and no denormals (slow on CPU).
+    weights = np.random.default_rng(0).standard_normal((hidden, 4 * hidden)) / np.sqrt(hidden)
+    r = numpy_helper.from_array(weights.astype(np.float32), "R")
+    consts = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+              (("starts", [0]), ("ends", [hidden]), ("axes", [1]))]
+    nodes, last = [], "x"
+    for i in range(chain):
+        nodes.append(helper.make_node("MatMul", [last, "R"], [f"g{i}"]))
+        nodes.append(helper.make_node("Slice", [f"g{i}", "starts", "ends", "axes"], [f"h{i}"]))
+        last = f"h{i}"
+    graph = helper.make_graph(nodes, "recurrent_chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                          [batch, hidden])],
+                              [helper.make_tensor_value_info(last, TensorProto.FLOAT, [batch, hidden])], [r, *consts])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def measure_recurrent_floor(batch: int, steps: int, hidden: int, layers: int) -> float:
+    """Milliseconds onnxruntime (1 thread) takes for the recurrent GEMMs alone of a `layers`-layer LSTM over `steps`
+    steps: a lower bound for any LSTM kernel on this core, since those GEMMs are sequential."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(_recurrent_chain_model(batch, hidden, steps * layers), sess_options=options,
+                                   providers=["CPUExecutionProvider"])
+    feed = {"x": np.random.default_rng(1).standard_normal((batch, hidden)).astype(np.float32)}
+    return time_call(lambda: session.run(None, feed), 100)
 
 
 def lstm_flops(batch: int, steps: int, features: int, hidden: int, layers: int, directions: int = 1) -> float:
