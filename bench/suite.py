@@ -181,6 +181,7 @@ def run_suite(work: Path, quick: bool = False, log=print) -> dict:
     log(f"batching off: {[(r['concurrency'], round(r['rps']), round(r['p50_ms'], 3)) for r in figures['batching_off']]}")
 
     figures["workers"] = {}
+    figures["worker_connections"] = WORKER_CONNECTIONS
     if _serve_supports_workers():
         for n in (1, 2):
             # Several connections for both N, so the kernel can spread them over the workers.
