@@ -158,9 +158,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--val-fraction", type=float, default=_T.val_fraction, metavar="FRACTION",
                     help="share of the sequences held out for validation (default: %(default)s)")
     tr.add_argument("--seed", type=int, default=_T.seed,
-                    help="seeds data generation, the split, initialisation and shuffling; the same seed gives "
-                    "bit-identical weights on CPU (default: %(default)s)")
-    tr.add_argument("--threads", type=int, default=_T.threads, help="torch CPU threads; 0 keeps torch's default")
+                    help="seeds data generation, the split, initialisation and shuffling; the same seed and "
+                    "--threads give bit-identical weights on CPU (default: %(default)s)")
+    tr.add_argument("--threads", type=int, default=_T.threads, help="torch CPU threads; the same seed reproduces bit-identical weights only with the same "
+                    "count; 0 keeps torch's default, one per core (default: %(default)s)")
     tr.add_argument("--dry-run", action="store_true",
                     help="one epoch of a few steps: a seconds-long smoke test of a configuration, for CI")
     tr.add_argument("--no-progress", action="store_true",

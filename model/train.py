@@ -92,8 +92,8 @@ def train_run(config: RunConfig, output: Path, data_path: Path | None = None, pr
 
     Everything is checked before anything is written: the config, the output path, the data. The run
     seed (`config.seed`) drives data generation, the validation split, initialisation, dropout and
-    shuffling, so the same seed gives bit-identical weights on CPU; config.json records it as the
-    training seed too. Ctrl-C stops training and still writes the best weights so far, with
+    shuffling, so the same seed and thread count give bit-identical weights on CPU; config.json records
+    it as the training seed too. Ctrl-C stops training and still writes the best weights so far, with
     metrics.json "interrupted": true. `data` lets a caller pass data it already loaded from `data_path`.
     """
     output = Path(output)
@@ -220,7 +220,7 @@ def _fit(config: RunConfig, train_set: Dataset, val_set: Dataset, progress: bool
                 best_loss, waited, fit.best_epoch, fit.final = val_loss, 0, epoch, _clone(net)
             else:
                 waited += 1
-                if waited >= t.patience:
+                if waited >= t.patience and epoch < epochs:
                     fit.stopped_early = True
                     break
     except KeyboardInterrupt:
