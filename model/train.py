@@ -159,6 +159,14 @@ def evaluate(net: StackedRNN, x: torch.Tensor, y: torch.Tensor) -> tuple[float, 
     return total_loss / n, metric
 
 
+def _load_net(model: ModelConfig, tensors: dict[str, torch.Tensor]) -> StackedRNN:
+    """A network holding `tensors`; its throwaway random init must not advance the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        net = StackedRNN(model)
+    net.load_state_dict(tensors)
+    return net
+
+
 def _clone(net: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
@@ -236,8 +244,7 @@ def _metric_name(task: str) -> str:
 
 
 def _metrics(config: RunConfig, fit: _Fit, val_set: Dataset, train_size: int) -> dict[str, Any]:
-    net = StackedRNN(config.model)
-    net.load_state_dict(fit.final)
+    net = _load_net(config.model, fit.final)
     xv, yv = _tensors(val_set)
     if config.training.dry_run:
         xv, yv = xv[:DRY_RUN_VAL], yv[:DRY_RUN_VAL]
@@ -286,9 +293,7 @@ def _write_run(output: Path, config: RunConfig, fit: _Fit, metrics: dict[str, An
     try:
         checkpoint.write_json(staging / checkpoint.CONFIG_FILE, config.to_dict())
         for name, tensors in ((checkpoint.WEIGHTS_FILE, fit.final), (checkpoint.INIT_FILE, fit.init)):
-            net = StackedRNN(config.model)
-            net.load_state_dict(tensors)
-            checkpoint.save_weights(net, staging / name)
+            checkpoint.save_weights(_load_net(config.model, tensors), staging / name)
         checkpoint.write_json(staging / checkpoint.METRICS_FILE, metrics)
         plot_history(fit.history, metrics["metric"], staging / checkpoint.PLOT_FILE)
         for path in staging.iterdir():

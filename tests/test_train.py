@@ -247,3 +247,26 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path, args, code, message
     assert result.returncode == code
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_user_csv_classification_trains(tmp_path):
+    rows = ["y,t0_f0,t0_f1,t1_f0,t1_f1,t2_f0,t2_f1"]
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        rows.append(",".join([str(i % 3)] + [f"{v:.3f}" for v in rng.normal(size=6)]))
+    data = tmp_path / "seq.csv"
+    data.write_text("\n".join(rows) + "\n")
+    metrics = train_run(_tiny(input_size=2, num_outputs=3), tmp_path / "run", data_path=data, progress=False)
+    assert metrics["metric"] == "accuracy"
+    net, run = load_run(tmp_path / "run")
+    assert run.dataset["format"] == "csv" and run.model.input_size == 2 and net.head.out_features == 3
+
+
+def test_training_leaves_the_callers_thread_count_and_rng_alone(tmp_path):
+    threads = torch.get_num_threads()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train_run(_tiny(), tmp_path / "run", progress=False)
+    assert torch.get_num_threads() == threads
+    torch.testing.assert_close(torch.rand(3), expected, atol=0, rtol=0)
