@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 
 import numpy as np
 import pytest
@@ -31,7 +33,8 @@ def test_concurrent_requests_are_merged_and_answers_match_single_runs(tiny_repos
                 calls = [stub.ModelInfer(encode_request("tiny_lstm", {"input": x})) for x in inputs]
                 return [decode_response(r) for r in await asyncio.gather(*calls)]
 
-        together = asyncio.run(fire())
+        with _executor_held(srv, 0.5):
+            together = asyncio.run(fire())
         counters = srv.running.scheduler.metrics.counters("tiny_lstm", "1")
     for got, want in zip(together, alone):
         for name in ("output", "hn", "cn"):
@@ -90,6 +93,21 @@ def _alone_in_original_file(path, x, h0=None, c0=None):
     return dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
 
 
+@contextlib.contextmanager
+def _executor_held(srv, seconds: float):
+    """Occupy the server's (one-thread) executor for `seconds`: a tiny model runs faster than requests arrive,
+    so without this whether any two requests merge depends on timing."""
+    release = threading.Event()
+    srv.running.executor.submit(release.wait, 30)
+    timer = threading.Timer(seconds, release.set)
+    timer.start()
+    try:
+        yield
+    finally:
+        release.set()
+        timer.cancel()
+
+
 def _fire(url, requests):
     """Send (model, inputs) pairs concurrently over one channel; answers in order."""
     import grpc
@@ -117,7 +135,8 @@ def test_mixed_length_requests_merge_and_each_equals_its_run_alone(tiny_reposito
                 for i, t in enumerate(times) for model in ("tiny_lstm", "tiny_gru")]
     with BackgroundServer(settings) as srv:
         assert srv.running.repository.resolve("tiny_lstm").runtime.ragged is not None
-        together = _fire(srv.url, requests)
+        with _executor_held(srv, 0.5):  # the model is busy, so the requests queue and merge
+            together = _fire(srv.url, requests)
         counters = srv.running.scheduler.metrics.counters("tiny_lstm", "1")
     for (model, inputs), got in zip(requests, together):
         want = _alone_in_original_file(tiny_repository / model / "1" / "model.onnx", inputs["input"])
@@ -176,10 +195,11 @@ def test_sequences_in_a_ragged_batch_carry_exact_state(tiny_repository):
                                                            sid))
 
         threads = [threading.Thread(target=stream, args=(sid,)) for sid in sequences]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        with _executor_held(srv, 1.0):  # the first chunks of all four (T 3, 5, 8, 2) queue and merge
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
         counters = srv.running.scheduler.metrics.counters("tiny_lstm", "1")
     path = tiny_repository / "tiny_lstm" / "1" / "model.onnx"
     for sid, (x, chunk) in sequences.items():
@@ -194,6 +214,7 @@ def test_sequences_in_a_ragged_batch_carry_exact_state(tiny_repository):
         whole = _alone_in_original_file(path, x)
         np.testing.assert_allclose(got[-1]["output"], whole["output"], atol=1e-5, rtol=0)
     assert counters.success == sum(len(split_time(x, c)) for x, c in sequences.values())
+    assert counters.exec_count < counters.success, "no chunks of different sequences were merged"
 
 
 def test_model_reading_every_step_is_not_rewritten(tmp_path):
