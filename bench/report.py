@@ -26,6 +26,7 @@ runs) single rounds swing by up to 2x, so ratios within +-10% are noise.
 | ORT intra-op threads do not spin (195cd66) | 0.94x | 1.03x |
 | all of this round together (9d09798 -> 195cd66) | 0.97x | 1.19x |
 | not taken: `--intra-op-threads 1` | 0.89x | 0.75x |
+| not taken: gRPC option `grpc.optimization_target` = latency | 1.02x | 0.93x |
 | not kept (measurement only): ORT run on the event loop, no executor hop | 0.94x | - |
 
 - **Server p50 at concurrency 1 (missed, 1.78x of echo + in-process, limit 1.25x).** py-spy (`py-spy record
