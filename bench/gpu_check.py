@@ -54,8 +54,8 @@ def _check_server(repo: Path) -> dict:
     rng = np.random.default_rng(7)
     x = rng.standard_normal((4, 50, 8)).astype(np.float32)
     z = np.zeros((4, 3, 64), np.float32)
-    reference = open_session(repo / "lstm3x64" / "1" / "model.onnx", "CUDAExecutionProvider").run(
-        None, {"input": x, "h0": z, "c0": z})
+    reference_session = open_session(repo / "lstm3x64" / "1" / "model.onnx", "CUDAExecutionProvider")
+    reference = reference_session.run(None, {"input": x, "h0": z, "c0": z})
     for provider in ("auto", "cpu"):
         settings = ServerSettings(model_repository=str(repo), grpc_port=0, metrics_port=-1, provider=provider)
         started = time.perf_counter()
@@ -72,7 +72,29 @@ def _check_server(repo: Path) -> dict:
                     latencies.append((time.perf_counter() - t0) * 1e3)
                 chunks = [{"input": x[:, s:s + 10]} for s in range(0, 50, 10)]
                 streamed = list(client.stream_sequence("lstm3x64", chunks, sequence_id=42))
+            # Requests of different lengths at once: the server merges them into one ragged run
+            # (sequence_lens wired in at load); each answer must equal its own run alone.
+            from concurrent.futures import ThreadPoolExecutor
+
+            lengths = [3, 50, 17, 1, 33, 8, 50, 24] * 4
+            singles = [x[i % 4 : i % 4 + 1, :t] for i, t in enumerate(lengths)]
+
+            def _one(arr: np.ndarray) -> np.ndarray:
+                with InferenceClient(server.url) as c:
+                    return c.infer("lstm3x64", {"input": arr})["output"]
+
+            runs_before = server.running.scheduler.metrics.counters("lstm3x64", "1").exec_count
+            with ThreadPoolExecutor(16) as pool:
+                answers = list(pool.map(_one, singles))
+            ragged_runs = server.running.scheduler.metrics.counters("lstm3x64", "1").exec_count - runs_before
+            ragged_err = 0.0
+            for arr, answer in zip(singles, answers):
+                zz = np.zeros((1, 3, 64), np.float32)
+                alone = reference_session.run(None, {"input": arr, "h0": zz, "c0": zz})[0]
+                ragged_err = max(ragged_err, float(np.abs(alone - answer).max()))
             out[provider] = {"provider_used": runtime.provider, "startup_s": round(startup, 3),
+                             "ragged_requests": len(singles), "ragged_runs": ragged_runs,
+                             "ragged_max_abs_vs_alone": ragged_err,
                              "p50_ms_b1_t50": round(float(np.percentile(latencies, 50)), 4),
                              "p90_ms_b1_t50": round(float(np.percentile(latencies, 90)), 4)}
             if provider == "auto":
@@ -142,6 +164,7 @@ def main() -> int:
         result["server"] = _check_server(work / "repo")
         ok &= result["server"]["cuda_chosen"] and result["server"]["max_abs_vs_in_process"] <= 1e-4
         ok &= result["server"]["stream_vs_whole_max_abs"] <= 1e-4
+        ok &= all(result["server"][p]["ragged_max_abs_vs_alone"] <= 1e-4 for p in ("auto", "cpu"))
     except Exception as exc:  # report what broke, keep the figures gathered so far
         result["server"] = {"error": f"{type(exc).__name__}: {exc}"}
         ok = False
