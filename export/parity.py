@@ -17,6 +17,13 @@ DEFAULT_ATOL = 1e-5
 # correct FP32 implementations differ by ~2e-5 absolute (~1e-6 relative): rtol keeps that from failing
 # while atol still guards the values near zero. --rtol 0 gives a purely absolute check.
 DEFAULT_RTOL = 1e-5
+# A trained network can amplify rounding: on 64 steps of noise input, PyTorch's own FP32 result was
+# measured 6e-5 away from the same network in FP64, and onnxruntime (other summation order, MLAS's
+# sigmoid/tanh) 3.5e-4 away from PyTorch. No fixed atol separates that from a bug on every model. So a
+# case also passes when onnxruntime's error stays within FLOOR_FACTOR times FP32's own error on that
+# case (the "floor"). A wrong gate order or weight gives errors of order 1, far above any such bound;
+# --floor-factor 0 turns the rule off.
+DEFAULT_FLOOR_FACTOR = 10.0
 BATCHES = (1, 3, 16)
 LENGTHS = (1, 7, 64)
 INPUT_KINDS = ("random", "zero", "large")
@@ -51,12 +58,13 @@ class Case:
     # on this case, against which a parity tolerance can be judged.
     fp32_floor: dict[str, float] = field(default_factory=dict)
     passed: bool = True
+    by_floor: bool = False  # passed only through the FP32-floor rule
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "provider": self.provider, "case": self.name, "batch": self.batch, "time": self.time,
             "passed": self.passed, "outputs": {k: v.to_dict() for k, v in self.outputs.items()},
-            "fp32_floor": self.fp32_floor,
+            "fp32_floor": self.fp32_floor, "passed_by_floor": self.by_floor,
         }
 
 
@@ -137,11 +145,12 @@ def _ort_run(session: Any, names: list[str], x: np.ndarray, state: list[np.ndarr
 
 
 def run_parity(net: Any, model_path: str | Path | bytes, providers: list[str], atol: float = DEFAULT_ATOL,
-               rtol: float = DEFAULT_RTOL, seed: int = 0) -> dict[str, Any]:
+               rtol: float = DEFAULT_RTOL, seed: int = 0, floor_factor: float = DEFAULT_FLOOR_FACTOR) -> dict[str, Any]:
     """Run the whole comparison matrix; returns a JSON-ready report with per-output errors.
 
-    An element passes when |error| <= atol or |error| <= rtol * |expected|. The tolerance that would
-    have passed is the smallest atol that passes every case with the same rtol.
+    An element passes when |error| <= atol or |error| <= rtol * |expected|; a case also passes when each
+    output's error is within floor_factor x (PyTorch FP32 vs FP64 on that case). The tolerance that would
+    have passed is the smallest atol that passes every case with the same rtol and no floor rule.
     """
     import copy
 
@@ -176,6 +185,7 @@ def run_parity(net: Any, model_path: str | Path | bytes, providers: list[str], a
             time = max(LENGTHS)
             x = _make_input("random", batch, time, cfg.input_size, rng)
             expected = _torch_run(net, x, None)
+            floor = _floor(net64, x, None, expected, out_names)
             state = [np.zeros((batch, *state_shape), np.float32) for _ in net.state_names]
             if cfg.bidirectional:
                 # The reverse direction reads the sequence from its end: chunking changes the maths, so
@@ -184,7 +194,7 @@ def run_parity(net: Any, model_path: str | Path | bytes, providers: list[str], a
             for start in range(0, time, CHUNK):
                 got = _ort_run(session, in_names, x[:, start : start + CHUNK], state)
                 state = got[1:]
-            case = Case(provider, f"chunked-{CHUNK}", batch, time)
+            case = Case(provider, f"chunked-{CHUNK}", batch, time, fp32_floor=floor)
             for name, e, g in zip(out_names, expected, got):
                 case.outputs[name] = compare_outputs(e, g, rtol)
             cases.append(case)
@@ -194,7 +204,9 @@ def run_parity(net: Any, model_path: str | Path | bytes, providers: list[str], a
     for case in cases:
         for name, value in case.fp32_floor.items():
             floors[name] = max(floors.get(name, 0.0), value)
-        case.passed = all(err.atol_needed <= atol for err in case.outputs.values())
+        case.passed = all(err.atol_needed <= max(atol, floor_factor * case.fp32_floor.get(name, 0.0))
+                          for name, err in case.outputs.items())
+        case.by_floor = case.passed and not all(err.atol_needed <= atol for err in case.outputs.values())
         for name, err in case.outputs.items():
             worst[name] = max(worst.get(name, 0.0), err.max_abs)
             needed[name] = max(needed.get(name, 0.0), err.atol_needed)
@@ -209,6 +221,8 @@ def run_parity(net: Any, model_path: str | Path | bytes, providers: list[str], a
         "worst_abs_error": worst,
         "atol_needed": needed,
         "fp32_floor": floors,
+        "floor_factor": floor_factor,
+        "cases_passed_by_floor": sum(c.by_floor for c in cases),
         "tolerance_that_would_pass": max(needed.values()) if needed else 0.0,
         "failures": [c.to_dict() for c in failed[:20]],
         "cases": [c.to_dict() for c in cases],

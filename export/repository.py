@@ -12,7 +12,7 @@ from typing import Any
 
 from .contract import encode_tensor
 from .onnx_export import DEFAULT_OPSET, ExportError, export_onnx, set_contract
-from .parity import DEFAULT_ATOL, DEFAULT_RTOL, make_sample, run_parity
+from .parity import DEFAULT_ATOL, DEFAULT_FLOOR_FACTOR, DEFAULT_RTOL, make_sample, run_parity
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.pbtxt"
@@ -67,6 +67,7 @@ def _check_name(name: str) -> None:
 
 def export_to_repository(run_dir: str | os.PathLike, repository: str | os.PathLike, name: str | None = None,
                          version: int = 1, opset: int = DEFAULT_OPSET, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+                         floor_factor: float = DEFAULT_FLOOR_FACTOR,
                          max_batch_size: int = DEFAULT_MAX_BATCH) -> dict[str, Any]:
     """Export a run to `<repository>/<name>/<version>/model.onnx` with config.pbtxt and a JSON report.
 
@@ -87,10 +88,12 @@ def export_to_repository(run_dir: str | os.PathLike, repository: str | os.PathLi
         raise ExportError(f"max_batch_size: got {max_batch_size}, expected at least 1")
     checkpoint_digest = file_digest(run_dir / WEIGHTS_FILE)
     model, contract = export_onnx(net, checkpoint_digest, opset)
-    parity = run_parity(net, model.SerializeToString(), ["CPUExecutionProvider"], atol=atol, rtol=rtol)
+    parity = run_parity(net, model.SerializeToString(), ["CPUExecutionProvider"], atol=atol, rtol=rtol,
+                        floor_factor=floor_factor)
     sample_in, sample_out = make_sample(net)
     contract["parity"] = {k: parity[k] for k in ("passed", "atol", "rtol", "providers", "cases_run", "cases_failed",
-                                                 "worst_abs_error", "tolerance_that_would_pass", "fp32_floor")}
+                                                 "worst_abs_error", "tolerance_that_would_pass", "fp32_floor",
+                                                 "floor_factor", "cases_passed_by_floor")}
     contract["parity_sample"] = {
         "inputs": {k: encode_tensor(v) for k, v in sample_in.items()},
         "outputs": {k: encode_tensor(v) for k, v in sample_out.items()},
@@ -112,7 +115,7 @@ def export_to_repository(run_dir: str | os.PathLike, repository: str | os.PathLi
         report["seconds"] = round(time.perf_counter() - started, 3)
         raise ParityFailed(
             f"parity failed in {parity['cases_failed']} of {parity['cases_run']} cases: atol needed "
-            f"{parity['tolerance_that_would_pass']:.3g} > atol {atol:g} (rtol {rtol:g}); nothing was written", report)
+            f"{parity['tolerance_that_would_pass']:.3g} > atol {atol:g} (rtol {rtol:g}, {floor_factor:g}x the FP32 floor); nothing was written", report)
 
     repository = Path(repository)
     repository.mkdir(parents=True, exist_ok=True)

@@ -8,11 +8,11 @@ import onnx
 
 from .contract import read_contract
 from .onnx_export import ExportError, check_explicit
-from .parity import DEFAULT_ATOL, DEFAULT_RTOL, resolve_providers, run_parity
+from .parity import DEFAULT_ATOL, DEFAULT_FLOOR_FACTOR, DEFAULT_RTOL, resolve_providers, run_parity
 
 
 def verify_model(model_path: str | Path, run_dir: str | Path, provider: str = "all", atol: float = DEFAULT_ATOL,
-                 rtol: float = DEFAULT_RTOL) -> dict[str, Any]:
+                 rtol: float = DEFAULT_RTOL, floor_factor: float = DEFAULT_FLOOR_FACTOR) -> dict[str, Any]:
     """Compare PyTorch eager (from the run directory) with onnxruntime on the chosen providers.
 
     Also checks that the ONNX graph has one explicit recurrent node per layer and that the
@@ -47,7 +47,7 @@ def verify_model(model_path: str | Path, run_dir: str | Path, provider: str = "a
                        "message": None if same else f"model records {contract.get('checkpoint_digest')}, run has {digest}"})
 
     providers = resolve_providers(provider)
-    parity = run_parity(net, model_path, providers, atol=atol, rtol=rtol)
+    parity = run_parity(net, model_path, providers, atol=atol, rtol=rtol, floor_factor=floor_factor)
     checks.append({"check": "parity", "passed": parity["passed"]})
     passed = all(c["passed"] is not False for c in checks)
     return {
@@ -79,6 +79,9 @@ def format_verify(report: dict[str, Any]) -> str:
     if floor:
         lines.append("  PyTorch FP32 vs FP64 on the same cases (FP32's own accuracy): "
                      + ", ".join(f"{k} {v:.2e}" for k, v in floor.items()))
+        if parity.get("cases_passed_by_floor"):
+            lines.append(f"  {parity['cases_passed_by_floor']} case(s) passed only because the error stayed within "
+                         f"{parity['floor_factor']:g}x FP32's own error on them (--floor-factor 0 turns this off)")
     lines.append(
         f"  {parity['cases_run']} cases, {parity['cases_failed']} failed at atol {parity['atol']:g}, rtol {parity['rtol']:g}; "
         f"tolerance that would have passed: {parity['tolerance_that_would_pass']:.3e}"
