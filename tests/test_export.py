@@ -131,7 +131,7 @@ def test_check_explicit_rejects_missing_fewer_and_looped_recurrence(tiny_run_dir
 def test_export_failure_writes_nothing_and_exits_1(tiny_run_dir, tmp_path):
     repo = tmp_path / "repo"
     report = tmp_path / "report.json"
-    result = _cli("export", str(tiny_run_dir), "--repository", str(repo), "--name", "m", "--atol", "1e-12", "--report", str(report))
+    result = _cli("export", str(tiny_run_dir), "--repository", str(repo), "--name", "m", "--atol", "1e-12", "--floor-factor", "0", "--report", str(report))
     assert result.returncode == 1, result.stderr
     assert "parity failed" in result.stderr and "nothing was written" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
