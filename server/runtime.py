@@ -63,6 +63,7 @@ class ModelRuntime:
     provider: str = ""
     parity_sample: dict | None = None
     ragged: RaggedPlan | None = None  # set when the session takes sequence_lens, so requests of any T can merge
+    bidirectional: bool = False  # from the contract: state cannot be carried across chunks of one sequence
     ready: bool = False
     reason: str = ""
     _session: object = None
@@ -92,6 +93,7 @@ class ModelRuntime:
         contract = _read_contract(session)
         if contract is not None:
             self.state = [StatePair(s["input"], s["output"]) for s in contract.get("state", [])]
+            self.bidirectional = contract.get("num_directions", 1) == 2
             self.parity_sample = contract.get("parity_sample")
         elif state:
             self.state = list(state)

@@ -99,6 +99,11 @@ class Scheduler:
         rows = _batch_rows(inputs, max_batch_size, runtime.name)
         if sequence is not None and not runtime.state:
             raise InvalidArgument(f"model '{runtime.name}' carries no recurrent state, so it takes no sequence_id")
+        if sequence is not None and runtime.bidirectional and not (sequence.start and sequence.end):
+            # The reverse direction reads a sequence from its end: state carried from an earlier chunk
+            # would give answers that differ from sending the sequence whole.
+            raise InvalidArgument(f"model '{runtime.name}' is bidirectional: a sequence must come whole in one request "
+                                  "(sequence_start and sequence_end both true), not in chunks")
         batcher = self.batcher(runtime.name, resolved)
         if sequence is None:
             full = self._with_zero_state(runtime, inputs, rows)

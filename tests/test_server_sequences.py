@@ -126,3 +126,21 @@ def test_sequence_id_on_a_stateless_model_is_refused(tmp_path):
         with pytest.raises(ClientError) as info:
             client.infer("plain", {"x": np.ones((1, 3), np.float32)}, sequence=SequenceControl(1, start=True))
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "no recurrent state" in str(info.value)
+
+
+def test_bidirectional_model_takes_a_sequence_only_whole(make_run_dir, tmp_path):
+    from export.repository import export_to_repository
+    from server.client import ClientError, InferenceClient
+    from server.sequences import SequenceControl
+
+    export_to_repository(make_run_dir(bidirectional=True), tmp_path, name="bi")
+    x = sample_input(1, 9, seed=2)
+    with _start(tmp_path) as srv, InferenceClient(srv.url) as client:
+        whole = client.infer("bi", {"input": x})
+        one = client.infer("bi", {"input": x}, sequence=SequenceControl(7, start=True, end=True))
+        np.testing.assert_array_equal(one["output"], whole["output"])
+        with pytest.raises(ClientError) as info:
+            client.infer("bi", {"input": x[:, :4]}, sequence=SequenceControl(8, start=True))
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "bidirectional" in str(info.value)
+        assert client.infer("bi", {"input": x})["output"].shape == (1, 4)
