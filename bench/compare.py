@@ -1,9 +1,10 @@
 """Before/after of a server change in one run: the server of an older commit against the working tree, interleaved.
 
 `python -m bench.compare --before <commit> [--rounds 2] [--seconds 3] [--levels 1,64] [--times 10:50]
-[--flags "--workers 2"] [--before-flags ...] [--connections 8]`: exports the default bench model, serves it from `git archive
+[--flags "--workers 2"] [--before-flags ...] [--connections 8] [--batching on|off] [--before-batching on|off]`:
+exports the default bench model, serves it from `git archive
 <commit>` and from this tree in turn (same repository, same load), and prints req/s and p50 per level with
-the after/before ratio. Rounds alternate the two servers so that load from others on a shared machine falls
+the after/before ratio (`--before HEAD --before-batching off` compares batching on and off in one tree). Rounds alternate the two servers so that load from others on a shared machine falls
 on both alike.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from bench.models import DEFAULT_MODEL, DEFAULT_TIME, build_repository
 from bench.processes import ROOT, ChildServer, serving_pattern
-from bench.suite import _levels_async
+from bench.suite import _levels_async, _without_batching
 from server import loadgen
 
 
@@ -48,18 +49,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before-flags", default="", help="serve flags for the baseline server")
     parser.add_argument("--connections", type=int, default=1, help="client connections (several reach several "
                         "--workers processes; default 1)")
+    parser.add_argument("--batching", choices=("on", "off"), default="on",
+                        help="off serves the working tree's server a config.pbtxt without dynamic_batching")
+    parser.add_argument("--before-batching", choices=("on", "off"), default="on",
+                        help="the same for the baseline server")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "lstm-onnx-bench" / "compare"))
     args = parser.parse_args(argv)
     work = Path(args.work)
     repo = build_repository(work / "default", {"lstm": DEFAULT_MODEL})
     model_path = repo / "lstm" / "1" / "model.onnx"
+    repos = {"on": repo, "off": _without_batching(repo, work, "lstm")}
     before_tree = extract_tree(args.before, work / f"tree-{args.before}")
     levels = loadgen.parse_levels(args.levels)
     times = loadgen.parse_times(args.times)
     runs: dict[str, list[list[dict]]] = {"before": [], "after": []}
     for _ in range(args.rounds):
-        for label, tree, flags in (("before", before_tree, args.before_flags), ("after", ROOT, args.flags)):
-            with start_server_from(tree, repo, shlex.split(flags)) as server:
+        for label, tree, flags, batching in (("before", before_tree, args.before_flags, args.before_batching),
+                                             ("after", ROOT, args.flags, args.batching)):
+            with start_server_from(tree, repos[batching], shlex.split(flags)) as server:
                 rows = _levels_async(server.url, "lstm", levels, args.seconds, 10**6, times, model_path,
                                      connections=args.connections)
             bad = sum(r["mismatches"] + r["errors"] for r in rows)

@@ -176,9 +176,20 @@ def run_suite(work: Path, quick: bool = False, log=print) -> dict:
     with start_model_server(repo) as server:
         figures["cold_start_s"] = min(figures["cold_start_s"], server.cold_start_s)
 
-    with start_model_server(_without_batching(repo, work, "lstm")) as server:
+    nobatch = _without_batching(repo, work, "lstm")
+    with start_model_server(nobatch) as server:
         figures["batching_off"] = _levels_async(server.url, "lstm", levels, seconds, requests, [steps], model_path)
     log(f"batching off: {[(r['concurrency'], round(r['rps']), round(r['p50_ms'], 3)) for r in figures['batching_off']]}")
+
+    # The ratios of the targets: batching on, off and MLServer alternated round by round.
+    from bench import head_to_head
+
+    def levels_at(url: str, at: list[int]) -> list[dict]:
+        return _levels_async(url, "lstm", at, h2h_seconds, requests, [steps], model_path)
+
+    h2h_seconds = 0.5 if quick else 3.0
+    figures["head_to_head"] = head_to_head.measure(repo, nobatch, model_path, work, top, h2h_seconds,
+                                                   1 if quick else 3, levels_at, install_mlserver=not quick, log=log)
 
     figures["workers"] = {}
     figures["worker_connections"] = WORKER_CONNECTIONS
