@@ -114,3 +114,60 @@ def test_echo_floor_answers_the_same_requests():
 
         result = asyncio.run(go())
     assert result.errors == 0 and result.requests == 10
+
+
+def test_batch_stats_between_counts_only_the_level():
+    from bench.head_to_head import batch_stats_between
+
+    before = {"requests": 10, "runs": 10, "queue_ns": 1000, "compute_ns": 5000, "rows": {1: 10}}
+    after = {"requests": 10 + 1 + 3 + 8, "runs": 10 + 3, "queue_ns": 1000 + 12 * 2000, "compute_ns": 5000 + 12000,
+             "rows": {1: 11, 3: 1, 8: 1}}
+    got = batch_stats_between(before, after)
+    assert (got["requests"], got["runs"], got["runs_of_1"]) == (12, 3, 1)
+    assert got["mean_rows"] == 4.0 and got["queue_us"] == 2.0 and got["compute_us_per_request"] == 1.0
+    # By request: 8 of the 12 requests ran in the run of 8, so the typical request's run had 8 rows.
+    assert (got["p50_rows_by_request"], got["p90_rows_by_request"]) == (8, 8)
+    assert got["runs_by_rows"] == {"1": 1, "3": 1, "8": 1}
+
+
+def test_median_row_takes_medians_and_sums_checks():
+    from bench.head_to_head import median_row
+
+    rows = [dict(concurrency=64, requests=n, errors=e, seconds=3.0, rps=r, p50_ms=p, p90_ms=p, p99_ms=p, checked=4,
+                 mismatches=0, first_error="boom" if e else "", worst_abs=w)
+            for n, e, r, p, w in ((100, 0, 900.0, 3.0, 0.0), (120, 1, 1000.0, 1.0, 1e-6), (90, 0, 800.0, 2.0, 0.0))]
+    got = median_row(rows)
+    assert (got["rps"], got["p50_ms"], got["requests"], got["errors"], got["checked"]) == (900.0, 2.0, 310, 1, 12)
+    assert got["first_error"] == "boom" and got["worst_abs"] == 1e-6
+
+
+def test_mlserver_settings_name_the_model_and_adaptive_batching(tiny_repository, tmp_path):
+    import json
+
+    from bench import mlserver
+
+    model = tiny_repository / "tiny_lstm" / "1" / "model.onnx"
+    folder = mlserver.write_settings(tmp_path / "ml", model, "tiny_lstm", 16, 0.0005, 1234, 1235, 0)
+    server = json.loads((folder / "settings.json").read_text())
+    settings = json.loads((folder / "model-settings.json").read_text())
+    assert (server["grpc_port"], server["http_port"], server["host"]) == (1234, 1235, "127.0.0.1")
+    assert settings["implementation"] == "bench.mlserver_runtime.OnnxLstmRuntime"
+    assert (settings["max_batch_size"], settings["max_batch_time"]) == (16, 0.0005)
+    assert settings["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, -1, 1]}]  # tiny: 1 feature
+    assert settings["parameters"]["uri"] == str(model.resolve())
+
+
+def test_mlserver_runtime_answers_like_in_process_onnxruntime(tiny_repository, tmp_path):
+    # Runs only where MLServer's venv exists (make bench creates it); nothing is installed here.
+    from bench import mlserver
+
+    exe = mlserver.ensure_venv(log=lambda _: None, install=False)
+    if exe is None:
+        pytest.skip(f"no MLServer {mlserver.VERSION} venv in {mlserver.venv_dir()}")
+    model = tiny_repository / "tiny_lstm" / "1" / "model.onnx"
+    folder = mlserver.write_settings(tmp_path / "ml", model, "tiny_lstm", 8, 0.0005, mlserver.free_port(),
+                                     mlserver.free_port(), 0)
+    with mlserver.start_mlserver(exe, folder) as server:
+        result = _measure(server.url, "tiny_lstm", [3, 7], model, concurrency=4)
+    assert result.errors == 0, result.first_error
+    assert result.checked == 24 and result.mismatches == 0
