@@ -184,7 +184,9 @@ def write_report(f: dict, md_path: Path, png_path: Path, notes: str = "") -> Non
     """The benchmark page: machine, targets, every table, and what the profile showed."""
     m = f["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-    stamp = f"_{m['date']}, {m['cpu']} ({m['cores']} cores, shared), {versions}, commit {m['commit']}_"
+    load = (f", load average {m['load_start']:.1f} at the start and {m['load_end']:.1f} at the end (the machine's "
+            f"1-minute average, others' work included)" if "load_end" in m else "")
+    stamp = f"_{m['date']}, {m['cpu']} ({m['cores']} cores, shared), {versions}, commit {m['commit']}{load}_"
     model = f["model"]
     lines = [
         "# Benchmarks",
