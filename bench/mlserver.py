@@ -147,9 +147,9 @@ def serve_model(model_path: Path, work: Path, name: str = "lstm", max_batch_size
                 max_batch_time_s: float = MAX_BATCH_TIME_S, parallel_workers: int = 0, log=print) -> ChildServer | None:
     """MLServer serving `model_path` as `name`, or None (reason logged) when MLServer is not available.
 
-    parallel_workers 0 runs inference in the server's own process: on 2 shared cores it measured 552 req/s at
-    c64 and 2.4 ms p50 at c1 against 387 req/s and 4.8 ms with the default 1 (a separate inference process; with
-    uvloop >= 0.22 that process also fails to start under MLServer 1.7.1)."""
+    parallel_workers 0 runs inference in the server's own process: on 2 busy shared cores one probe each measured
+    552 req/s at c64 and 2.4 ms p50 at c1 against 387 req/s and 4.8 ms with the default 1 (a separate inference
+    process; with uvloop >= 0.22 that process also fails to start under MLServer 1.7.1)."""
     exe = ensure_venv(log)
     if exe is None:
         return None
