@@ -78,7 +78,6 @@ def compare_torch(run_dir: Path, model_path: Path, batches: list[int], steps: in
 def _recurrent_chain_model(batch: int, hidden: int, chain: int) -> bytes:
     """`chain` dependent MatMuls [B, H] @ [H, 4H], each next one fed the first H columns of the last: the recurrent
     GEMMs of a stacked LSTM run back to back, with no gates, no input projection and no other work."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     # N(0, 1/H) entries keep the activations' scale along the chain: no overflow, and no denormals (slow on CPU).
@@ -125,7 +124,6 @@ def lstm_flops(batch: int, steps: int, features: int, hidden: int, layers: int, 
 
 
 def _matmul_model(m: int, k: int, n: int) -> bytes:
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((k, n)).astype(np.float32), "w")

@@ -319,24 +319,11 @@ def generate_bad_requests(shape: ModelShape, count: int, seed: int = 0) -> list[
 
 
 def reference_outputs(model_path: Path, inputs: dict[str, np.ndarray], shape: ModelShape) -> dict[str, np.ndarray]:
-    """The model's outputs computed in-process with onnxruntime (zero state, as the server supplies)."""
-    session = _session(str(model_path))
-    batch = inputs["input"].shape[0]
-    feed = dict(inputs)
-    for name, (layers, hidden) in shape.state.items():
-        feed.setdefault(name, np.zeros((batch, layers, hidden), np.float32))
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feed)))
+    """The model's outputs computed in-process with onnxruntime (zero state, as the server supplies).
 
+    `shape` is accepted for the callers' convenience; the load generator's reference reads the state
+    shapes from the graph itself.
+    """
+    from server.loadgen import reference_outputs as in_process
 
-_SESSIONS: dict[str, object] = {}
-
-
-def _session(path: str):
-    import onnxruntime as ort
-
-    if path not in _SESSIONS:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        _SESSIONS[path] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    return _SESSIONS[path]
+    return in_process(model_path, inputs)

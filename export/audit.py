@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .external import ExternalDataError, tensor_to_array
 from .gates import DIRECTIONS, GateShapeError, GateTensor, split_gates

@@ -97,8 +97,8 @@ async def _bench(args, levels: list[int], times: list[int], model_path):
         try:
             metadata, optional = await loadgen.fetch_inputs_spec(channel, args.model)
         except Exception as exc:  # grpc errors: server down, unknown model
-            raise CheckFailed(f"{args.url}: cannot read model '{args.model}': {getattr(exc, 'details', lambda: exc)()}"
-                              ) from None
+            detail = exc.details() if hasattr(exc, "details") else str(exc)
+            raise CheckFailed(f"{args.url}: cannot read model '{args.model}': {detail}") from None
         if args.stream:
             payloads = loadgen.make_stream_payloads(args.model, metadata, optional, args.batch, times[0], max(levels))
         else:
