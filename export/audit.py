@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import heapq
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,12 +10,12 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .contract import read_contract_checked as read_contract
 from .external import ExternalDataError, tensor_to_array
 from .gates import DIRECTIONS, GateShapeError, GateTensor, split_gates
 
 RECURRENT_OPS = ("LSTM", "GRU")
 LOOP_OPS = ("Loop", "Scan")
-CONTRACT_KEY = "lstm_onnx.contract"
 # Operator input positions (ONNX spec) of the tensors the audit reads.
 ROLES: dict[str, dict[str, int]] = {
     "LSTM": {"W": 1, "R": 2, "B": 3, "sequence_lens": 4, "initial_h": 5, "initial_c": 6, "P": 7},
@@ -223,20 +222,6 @@ def topological_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     done = set(order)
     order += [i for i in range(len(graph.node)) if i not in done]  # a cycle: keep the rest in file order
     return [graph.node[i] for i in order]
-
-
-def read_contract(model: onnx.ModelProto) -> tuple[dict[str, Any] | None, str | None]:
-    """The `lstm_onnx.contract` metadata as a dict, and a problem description if it is there but unreadable."""
-    for prop in model.metadata_props:
-        if prop.key == CONTRACT_KEY:
-            try:
-                data = json.loads(prop.value)
-            except json.JSONDecodeError as exc:
-                return None, f"metadata {CONTRACT_KEY}: not valid JSON ({exc})"
-            if not isinstance(data, dict):
-                return None, f"metadata {CONTRACT_KEY}: got {type(data).__name__}, expected an object"
-            return data, None
-    return None, None
 
 
 def audit_model(path: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> Audit:

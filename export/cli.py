@@ -78,6 +78,21 @@ def run_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tolerance_flags(parser: argparse.ArgumentParser) -> None:
+    """The parity tolerances, shared by export and verify (export runs the same checks)."""
+    from .parity import DEFAULT_ATOL, DEFAULT_FLOOR_FACTOR, DEFAULT_RTOL
+
+    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL,
+                        help=f"absolute tolerance for parity (default {DEFAULT_ATOL:g}, FP32)")
+    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
+                        help="relative tolerance: an element passes within atol OR within rtol*|expected| "
+                        f"(default {DEFAULT_RTOL:g}; 0: absolute only)")
+    parser.add_argument("--floor-factor", type=float, default=DEFAULT_FLOOR_FACTOR,
+                        help="a case also passes when its error is within this many times PyTorch's own "
+                        "FP32-vs-FP64 error on it (ill-conditioned trained models amplify rounding); "
+                        f"0: off (default {DEFAULT_FLOOR_FACTOR:g})")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from . import audit_cli
 
@@ -94,12 +109,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="model name in the repository (default: <cell>_model)")
     p.add_argument("--version", type=int, default=1, help="model version folder (default 1)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14..20 (default 17)")
-    p.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance for parity (default 1e-5, FP32)")
-    p.add_argument("--floor-factor", type=float, default=10.0,
-                   help="a case also passes when its error is within this many times PyTorch's own FP32-vs-FP64 "
-                   "error on it (ill-conditioned trained models amplify rounding); 0: off (default 10)")
-    p.add_argument("--rtol", type=float, default=1e-5,
-                   help="relative tolerance: an element passes within atol OR within rtol*|expected| (default 1e-5; 0: absolute only)")
+    _add_tolerance_flags(p)
     p.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size in config.pbtxt (default 64)")
     p.add_argument("--report", metavar="FILE", help="also write the JSON report here (kept on failure too)")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of a summary")
@@ -116,12 +126,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run directory it was exported from")
     v.add_argument("--provider", default="all", choices=("cpu", "cuda", "all"),
                    help="onnxruntime provider(s) to compare (all: every available one; default all)")
-    v.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5, FP32)")
-    v.add_argument("--floor-factor", type=float, default=10.0,
-                   help="a case also passes when its error is within this many times PyTorch's own FP32-vs-FP64 "
-                   "error on it (ill-conditioned trained models amplify rounding); 0: off (default 10)")
-    v.add_argument("--rtol", type=float, default=1e-5,
-                   help="relative tolerance: an element passes within atol OR within rtol*|expected| (default 1e-5; 0: absolute only)")
+    _add_tolerance_flags(v)
     v.add_argument("--report", metavar="FILE", help="also write the JSON report here")
     v.add_argument("--json", action="store_true", help="print the JSON report instead of a table")
     v.set_defaults(func=run_verify)

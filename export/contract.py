@@ -46,9 +46,21 @@ def decode_tensor(obj: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype).reshape(obj["shape"]).astype(dtype[1:])
 
 
-def read_contract(model: Any) -> dict[str, Any] | None:
-    """The contract JSON from an onnx.ModelProto's metadata_props, or None for a foreign model."""
+def read_contract_checked(model: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """The contract JSON from an onnx.ModelProto's metadata_props (None for a foreign model), and a
+    problem description when the entry is there but unreadable."""
     for prop in model.metadata_props:
         if prop.key == METADATA_KEY:
-            return json.loads(prop.value)
-    return None
+            try:
+                data = json.loads(prop.value)
+            except json.JSONDecodeError as exc:
+                return None, f"metadata {METADATA_KEY}: not valid JSON ({exc})"
+            if not isinstance(data, dict):
+                return None, f"metadata {METADATA_KEY}: got {type(data).__name__}, expected an object"
+            return data, None
+    return None, None
+
+
+def read_contract(model: Any) -> dict[str, Any] | None:
+    """The contract JSON, or None for a foreign model or an unreadable entry."""
+    return read_contract_checked(model)[0]

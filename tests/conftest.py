@@ -57,3 +57,13 @@ def tiny_repository(tmp_path_factory, tiny_run_dir, tiny_gru_run_dir) -> Path:
     export_to_repository(tiny_run_dir, repo, name="tiny_lstm", version=1)
     export_to_repository(tiny_gru_run_dir, repo, name="tiny_gru", version=1)
     return repo
+
+
+@pytest.fixture(scope="module")
+def triton(server):
+    """tritonclient's gRPC client on the test module's own `server` fixture (the real server on port 0)."""
+    import tritonclient.grpc as tc
+
+    client = tc.InferenceServerClient(server.url)
+    yield client
+    client.close()

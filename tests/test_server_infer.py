@@ -22,15 +22,6 @@ def server(tiny_repository, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def triton(server):
-    import tritonclient.grpc as tc
-
-    client = tc.InferenceServerClient(server.url)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
 def stub(server):
     from protos import grpc_service_pb2_grpc as pb_grpc
 

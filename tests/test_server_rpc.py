@@ -20,15 +20,6 @@ def server(tiny_repository, tmp_path_factory):
         yield srv
 
 
-@pytest.fixture(scope="module")
-def triton(server):
-    import tritonclient.grpc as tc
-
-    client = tc.InferenceServerClient(server.url)
-    yield client
-    client.close()
-
-
 def test_server_live_and_metadata_name_real_extensions(triton):
     assert triton.is_server_live()
     meta = triton.get_server_metadata()
