@@ -24,10 +24,10 @@ test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
 protos: setup
-	$(PY) -m protos.generate
+	$(PY) -m lstm_onnx.protos.generate
 
 reliability: setup
-	$(PY) -m bench.reliability
+	PYTHONPATH=tests $(PY) -m reliability
 
 bench: setup
 	$(PY) -m bench.suite

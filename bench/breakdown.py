@@ -12,8 +12,8 @@ from bench.inprocess import open_ort, time_call
 
 def measure_pieces(model_path: Path, model: str, batch: int, steps: int, features: int) -> list[dict]:
     """Microseconds per request of: protobuf decode, encode, one executor hop, and the ORT run itself."""
-    from protos import grpc_service_pb2 as pb
-    from server import codec
+    from lstm_onnx.protocol import codec
+    from lstm_onnx.protos import grpc_service_pb2 as pb
 
     rng = np.random.default_rng(0)
     inputs = {"input": rng.standard_normal((batch, steps, features)).astype(np.float32)}

@@ -20,7 +20,7 @@ from pathlib import Path
 from bench.models import DEFAULT_MODEL, DEFAULT_TIME, build_repository
 from bench.processes import ROOT, ChildServer, serving_pattern
 from bench.suite import _levels_async, _without_batching
-from server import loadgen
+from lstm_onnx.client import loadgen
 
 
 def extract_tree(commit: str, dest: Path) -> Path:
@@ -32,10 +32,22 @@ def extract_tree(commit: str, dest: Path) -> Path:
 
 
 def start_server_from(tree: Path, repository: Path, flags: list[str]) -> ChildServer:
-    """`serve` run from another source tree (its lstm_onnx.py, so its packages come first on sys.path)."""
-    argv = [sys.executable, str(tree / "lstm_onnx.py"), "serve", "--model-repository", str(repository),
-            "--grpc-port", "0", "--metrics-port", "-1", *flags]
-    return ChildServer(argv, serving_pattern(flags))
+    """`serve` run from another source tree.
+
+    A tree from before the lstm_onnx namespace has a top-level lstm_onnx.py whose folders come first on
+    sys.path when run as a script. A newer tree is installed (no deps) into its own folder, which then
+    leads PYTHONPATH, so its packages win over this checkout's editable install.
+    """
+    tail = ["serve", "--model-repository", str(repository), "--grpc-port", "0", "--metrics-port", "-1", *flags]
+    if (tree / "lstm_onnx.py").is_file():
+        return ChildServer([sys.executable, str(tree / "lstm_onnx.py"), *tail], serving_pattern(flags))
+    site = tree.parent / (tree.name + "-site")
+    if not site.is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--target", str(site), str(tree)], check=True)
+    env = {"PYTHONPATH": str(site)}
+    # -P: no working directory on sys.path, where this checkout's lstm_onnx/ would win.
+    return ChildServer([sys.executable, "-P", "-m", "lstm_onnx", *tail], serving_pattern(flags), env=env)
 
 
 def main(argv: list[str] | None = None) -> int:

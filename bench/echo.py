@@ -10,7 +10,7 @@ import asyncio
 
 import grpc
 
-from server.loadgen import INFER_METHOD, MESSAGE_BYTES
+from lstm_onnx.client.loadgen import INFER_METHOD, MESSAGE_BYTES
 
 
 def _handler(response: bytes) -> grpc.GenericRpcHandler:

@@ -29,9 +29,10 @@ def _time_session(session, feed: dict, repeat: int) -> float:
 
 def _make_run(out: Path, **model) -> Path:
     import torch
-    from model.checkpoint import save_weights, write_json
-    from model.config import ModelConfig, RunConfig
-    from model.network import StackedRNN
+
+    from lstm_onnx.model.checkpoint import save_weights, write_json
+    from lstm_onnx.model.config import ModelConfig, RunConfig
+    from lstm_onnx.model.network import StackedRNN
 
     out.mkdir(parents=True, exist_ok=True)
     cfg = ModelConfig(**model)
@@ -45,10 +46,10 @@ def _make_run(out: Path, **model) -> Path:
 
 def _check_server(repo: Path) -> dict:
     """Serve the repository with --provider auto (must pick CUDA), answer unary and streamed requests."""
-    from export.parity import open_session
-    from server.app import BackgroundServer
-    from server.client import InferenceClient
-    from server.settings import ServerSettings
+    from lstm_onnx.client.client import InferenceClient
+    from lstm_onnx.export.parity import open_session
+    from lstm_onnx.server.app import BackgroundServer
+    from lstm_onnx.server.settings import ServerSettings
 
     out: dict = {}
     rng = np.random.default_rng(7)
@@ -124,8 +125,8 @@ def main() -> int:
         Path(args.out, "gpu_check.json").write_text(json.dumps(result, indent=2))
         return 1
 
-    from export.repository import export_to_repository
-    from export.verification import verify_model
+    from lstm_onnx.export.repository import export_to_repository
+    from lstm_onnx.export.verification import verify_model
 
     work = Path(tempfile.mkdtemp())
     ok = True
@@ -147,7 +148,7 @@ def main() -> int:
         print(name, json.dumps(result["verify"][name]), flush=True)
 
     # Latency per provider for the bench model at batch 1 and a large batch.
-    from export.parity import open_session
+    from lstm_onnx.export.parity import open_session
 
     timings = {}
     path = work / "repo" / "lstm3x64" / "1" / "model.onnx"

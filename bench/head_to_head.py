@@ -19,8 +19,8 @@ def fetch_batch_stats(url: str, model: str) -> dict:
     """The server's cumulative counters for `model` (ModelStatistics): requests, runs, queue ns, rows per run."""
     import grpc
 
-    from protos import grpc_service_pb2 as pb
-    from protos import grpc_service_pb2_grpc as pb_grpc
+    from lstm_onnx.protos import grpc_service_pb2 as pb
+    from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
     async def go():
         async with grpc.aio.insecure_channel(url) as channel:

@@ -51,7 +51,7 @@ def compare_torch(run_dir: Path, model_path: Path, batches: list[int], steps: in
     """ORT against PyTorch eager on the same input, same process, same thread count; ratio = torch / ort."""
     import torch
 
-    from model.checkpoint import load_run
+    from lstm_onnx.model.checkpoint import load_run
 
     torch.set_num_threads(threads)
     net, config = load_run(run_dir)

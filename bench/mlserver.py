@@ -131,8 +131,8 @@ def start_mlserver(exe: Path, folder: Path, timeout_s: float = 60) -> ChildServe
 async def _model_ready(url: str, name: str) -> bool:
     import grpc
 
-    from protos import grpc_service_pb2 as pb
-    from protos import grpc_service_pb2_grpc as pb_grpc
+    from lstm_onnx.protos import grpc_service_pb2 as pb
+    from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
     async with grpc.aio.insecure_channel(url) as channel:
         try:

@@ -12,9 +12,9 @@ def make_run(out: Path, seed: int = 0, **model) -> Path:
     """A run directory with random (untrained) weights: enough for timing, parity and serving."""
     import torch
 
-    from model.checkpoint import save_weights, write_json
-    from model.config import ModelConfig, RunConfig
-    from model.network import StackedRNN
+    from lstm_onnx.model.checkpoint import save_weights, write_json
+    from lstm_onnx.model.config import ModelConfig, RunConfig
+    from lstm_onnx.model.network import StackedRNN
 
     out.mkdir(parents=True, exist_ok=True)
     cfg = ModelConfig(**model)
@@ -28,7 +28,7 @@ def make_run(out: Path, seed: int = 0, **model) -> Path:
 
 def build_repository(work: Path, models: dict[str, dict], max_batch_size: int = 64) -> Path:
     """Export each named model config into work/repo (version 1) and return the repository path."""
-    from export.repository import export_to_repository
+    from lstm_onnx.export.repository import export_to_repository
 
     repo = work / "repo"
     for name, model in models.items():

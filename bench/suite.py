@@ -18,8 +18,7 @@ from pathlib import Path
 from bench import inprocess
 from bench.models import DEFAULT_MODEL, DEFAULT_TIME, build_repository
 from bench.processes import ROOT, start_echo_server, start_model_server
-from server import loadgen
-
+from lstm_onnx.client import loadgen
 
 WORKER_CONNECTIONS = 8  # client connections in the --workers measurement (2^-7 odds all land on one of 2)
 
@@ -30,8 +29,9 @@ def _levels_async(url: str, model: str, levels: list[int], seconds: float, reque
         extra = [loadgen.open_channel(url, own_connection=True) for _ in range(connections - 1)]
         async with loadgen.open_channel(url, own_connection=connections > 1) as channel:
             if model_path is None:  # the echo floor has no metadata: send the default model's request
-                from server import codec
                 import numpy as np
+
+                from lstm_onnx.protocol import codec
 
                 x = np.random.default_rng(0).standard_normal((batch, times[0], DEFAULT_MODEL["input_size"]))
                 inputs = {"input": x.astype(np.float32)}
@@ -147,7 +147,7 @@ def run_suite(work: Path, quick: bool = False, log=print) -> dict:
 
     # The gRPC floor: same request bytes, an answer of the real answer's size.
     answer = loadgen.reference_outputs(model_path, {"input": feed["input"]})
-    from server import codec
+    from lstm_onnx.protocol import codec
 
     answer_bytes = len(codec.encode_response("lstm", 1, "", answer).SerializeToString())
     with start_echo_server(answer_bytes) as echo:

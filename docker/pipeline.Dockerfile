@@ -1,7 +1,8 @@
 # The one-shot pipeline (train, export, verify, audit) with CPU torch: `.[train,cpu]`.
 FROM python:3.11-slim
 WORKDIR /app
-COPY pyproject.toml README.md lstm_onnx.py ./
+COPY pyproject.toml README.md ./
+COPY lstm_onnx ./lstm_onnx
 COPY model ./model
 COPY export ./export
 COPY server ./server

@@ -7,12 +7,13 @@ WORKDIR /app
 ENV PIP_BREAK_SYSTEM_PACKAGES=1
 RUN command -v pip >/dev/null || (apt-get update && apt-get install -y --no-install-recommends python3 python3-pip \
         python-is-python3 && rm -rf /var/lib/apt/lists/*)
-COPY pyproject.toml README.md lstm_onnx.py ./
+COPY pyproject.toml README.md ./
+COPY lstm_onnx ./lstm_onnx
 COPY model ./model
 COPY export ./export
 COPY server ./server
 COPY protos ./protos
-RUN pip install --no-cache-dir ".[serve,${EXTRA}]" && python -c "import server.app" \
+RUN pip install --no-cache-dir ".[serve,${EXTRA}]" && python -c "import lstm_onnx.server.app" \
     && ! python -c "import torch" 2>/dev/null
 # Inside a container the server must listen beyond loopback for the published port to reach it.
 ENV LSTM_ONNX_HOST=0.0.0.0 \

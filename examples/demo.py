@@ -78,7 +78,7 @@ def main() -> int:
         wait_ready(url, server)
         # One held-out sequence of the default task, the way a client would send it.
         sys.path.insert(0, str(ROOT))
-        from model.data import make_default_task  # noqa: E402  (demo only: the server never imports model)
+        from lstm_onnx.model.data import make_default_task  # noqa: E402  (demo only: the server never imports model)
 
         data = make_default_task(seed=123, num_sequences=8)
         x, y = data.x[:1], int(data.y[0])

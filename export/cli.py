@@ -1,4 +1,4 @@
-"""Subcommands `export`, `verify` and `audit`; parsers only here, the work happens in the handlers' modules."""
+"""Subcommands `export` and `verify`; parsers only here, the work happens in the handlers' modules."""
 from __future__ import annotations
 
 import argparse
@@ -14,8 +14,8 @@ def _write_report(report: dict, path: str | None) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     """Handler of `lstm-onnx export`."""
-    from lstm_onnx import CheckFailed, UsageError
-    from model.checkpoint import CheckpointError
+    from lstm_onnx.errors import CheckFailed, UsageError
+    from lstm_onnx.model.checkpoint import CheckpointError
 
     from .onnx_export import ExportError
     from .repository import ParityFailed, export_to_repository
@@ -55,8 +55,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_verify(args: argparse.Namespace) -> int:
     """Handler of `lstm-onnx verify`."""
-    from lstm_onnx import CheckFailed, UsageError
-    from model.checkpoint import CheckpointError
+    from lstm_onnx.errors import CheckFailed, UsageError
+    from lstm_onnx.model.checkpoint import CheckpointError
 
     from .onnx_export import ExportError
     from .parity import ParityError
@@ -94,8 +94,6 @@ def _add_tolerance_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from . import audit_cli
-
     p = sub.add_parser(
         "export",
         help="turn a run directory into a served-ready model repository",
@@ -131,4 +129,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--json", action="store_true", help="print the JSON report instead of a table")
     v.set_defaults(func=run_verify)
 
-    audit_cli.add_parser(sub)

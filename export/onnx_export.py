@@ -4,20 +4,20 @@ from __future__ import annotations
 import io
 import json
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .contract import CONTRACT_FORMAT, METADATA_KEY, gate_digests, initializer_names
+from lstm_onnx.contract import CONTRACT_FORMAT, METADATA_KEY, RECURRENT_OPS, initializer_names
+
+from .audit.gates import gate_digests
 
 DEFAULT_OPSET = 17
 # Opset 14 is the first with LSTM's `layout` attribute defined (we keep it 0); 20 is the newest the
 # TorchScript exporter in torch 2.13 writes.
 MIN_OPSET, MAX_OPSET = 14, 20
-RECURRENT_OPS = ("LSTM", "GRU")
 LOOP_OPS = ("Loop", "Scan")
 
 
@@ -182,6 +182,3 @@ def export_onnx(net: Any, checkpoint_digest: str, opset: int = DEFAULT_OPSET) ->
         raise ExportError(f"onnx.checker rejected the exported graph: {str(exc).splitlines()[0]}") from None
     return model, contract
 
-
-def save_model(model: onnx.ModelProto, path: Path) -> None:
-    path.write_bytes(model.SerializeToString())

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .contract import encode_tensor
+from lstm_onnx.contract import RECURRENT_OPS, WEIGHTS_FILE, encode_tensor, file_digest
+
 from .onnx_export import DEFAULT_OPSET, ExportError, export_onnx, set_contract
 from .parity import DEFAULT_ATOL, DEFAULT_FLOOR_FACTOR, DEFAULT_RTOL, make_sample, run_parity
 
@@ -75,7 +76,7 @@ def export_to_repository(run_dir: str | os.PathLike, repository: str | os.PathLi
     the export passed its explicitness, checker and parity checks: a failed export leaves the
     repository as it was. Raises ExportError or ParityFailed (with the report) on failure.
     """
-    from model.checkpoint import WEIGHTS_FILE, file_digest, load_run
+    from lstm_onnx.model.checkpoint import load_run
 
     started = time.perf_counter()
     run_dir = Path(run_dir)
@@ -107,7 +108,7 @@ def export_to_repository(run_dir: str | os.PathLike, repository: str | os.PathLi
         "version": version,
         "opset": opset,
         "checkpoint_digest": checkpoint_digest,
-        "recurrent_nodes": [n.name for n in model.graph.node if n.op_type in ("LSTM", "GRU")],
+        "recurrent_nodes": [n.name for n in model.graph.node if n.op_type in RECURRENT_OPS],
         "parity": {k: v for k, v in parity.items() if k != "cases"},
         "seconds": None,
     }

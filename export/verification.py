@@ -6,7 +6,8 @@ from typing import Any
 
 import onnx
 
-from .contract import read_contract
+from lstm_onnx.contract import WEIGHTS_FILE, file_digest, read_contract
+
 from .onnx_export import ExportError, check_explicit
 from .parity import DEFAULT_ATOL, DEFAULT_FLOOR_FACTOR, DEFAULT_RTOL, resolve_providers, run_parity
 
@@ -18,7 +19,7 @@ def verify_model(model_path: str | Path, run_dir: str | Path, provider: str = "a
     Also checks that the ONNX graph has one explicit recurrent node per layer and that the
     checkpoint digest recorded at export is the digest of this run's weights.
     """
-    from model.checkpoint import WEIGHTS_FILE, file_digest, load_run
+    from lstm_onnx.model.checkpoint import load_run
 
     model_path = Path(model_path)
     try:
@@ -36,7 +37,7 @@ def verify_model(model_path: str | Path, run_dir: str | Path, provider: str = "a
     except ExportError as exc:
         checks.append({"check": "explicit_recurrent_nodes", "passed": False, "message": str(exc)})
 
-    contract = read_contract(model)
+    contract, _ = read_contract(model)  # an unreadable entry counts as none: the digest check says so
     digest = file_digest(Path(run_dir) / WEIGHTS_FILE)
     if contract is None:
         checks.append({"check": "checkpoint_digest", "passed": None,

@@ -1,7 +1,6 @@
 """Run-directory I/O: config.json and safetensors weights, checked against each other, never pickles."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -13,43 +12,31 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lstm_onnx.contract import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    RunDirectoryError,
+    read_run_config,
+)
+
 from .config import ConfigError, RunConfig
 from .network import StackedRNN, expected_shapes
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-INIT_FILE = "init.safetensors"
-METRICS_FILE = "metrics.json"
-PLOT_FILE = "loss.png"
 
 
 class CheckpointError(ValueError):
     """A run directory is missing, malformed, or does not match its config."""
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes, as `sha256:<hex>`."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
-
-
 def read_config(run_dir: str | os.PathLike) -> RunConfig:
-    path = Path(run_dir) / CONFIG_FILE
-    if not Path(run_dir).is_dir():
-        raise CheckpointError(f"run directory {run_dir}: not found, expected the output of `lstm-onnx train`")
+    """The RunConfig that built a run (config.json read through the torch-free contract reader)."""
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing, expected the run's config.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+        data = read_run_config(run_dir)
+    except RunDirectoryError as exc:
+        raise CheckpointError(str(exc)) from None
     try:
         return RunConfig.from_dict(data)
     except (ConfigError, TypeError) as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
+        raise CheckpointError(f"{Path(run_dir) / CONFIG_FILE}: {exc}") from None
 
 
 def read_weights(path: str | os.PathLike, config: RunConfig) -> dict[str, torch.Tensor]:

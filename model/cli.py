@@ -44,7 +44,7 @@ EPILOG = "\n".join([
 
 def run_train(args: argparse.Namespace) -> int:
     """Handler of `lstm-onnx train`."""
-    from lstm_onnx import CheckFailed, UsageError
+    from lstm_onnx.errors import CheckFailed, UsageError
 
     from .config import ConfigError, RunConfig
     from .data import DataError, load_data, make_default_task

@@ -5,7 +5,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-RUN_FORMAT = "lstm-onnx-run/1"
+from lstm_onnx.contract import RUN_FORMAT
+
 CELLS = ("lstm", "gru")
 TASKS = ("classification", "regression")
 MAX_LAYERS = 8

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from lstm_onnx.contract import file_digest
+
 DEFAULT_TASK = "sine-frequency"
 # Frequencies in cycles per time step. Close enough that one period does not tell them apart under the
 # noise and random phase/amplitude: the network has to integrate over many steps, i.e. needs memory.
@@ -101,7 +103,6 @@ def load_data(path: str | Path, task: str | None = None, num_classes: int | None
     else:
         raise DataError(f"data file {path}: got suffix {path.suffix!r}, expected .npz or .csv")
     x, y, task, num_outputs = check_arrays(x, y, str(path), task=task, num_classes=num_classes)
-    from .checkpoint import file_digest  # local: checkpoint imports torch, which data loading does not need
 
     spec = {"kind": "file", "path": str(path), "format": suffix[1:], "sha256": file_digest(path),
             "num_sequences": int(x.shape[0]), "seq_len": int(x.shape[1])}

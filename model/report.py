@@ -5,10 +5,10 @@ from typing import Any, Mapping
 
 import torch
 
+from lstm_onnx.contract import CELL_OPS, PYTORCH_GATE_ORDER
+
 from .config import ModelConfig
 
-# PyTorch's fused row order, with the names the audit uses (docs/contract.md).
-GATE_NAMES = {"lstm": ("input", "forget", "cell", "output"), "gru": ("reset", "update", "hidden")}
 # PyTorch tensor prefix -> the contract's part name (W input weights, R recurrent, bW/bR their biases).
 PARTS = (("weight_ih", "W"), ("weight_hh", "R"), ("bias_ih", "bW"), ("bias_hh", "bR"))
 DIRECTIONS = ("forward", "reverse")
@@ -31,7 +31,7 @@ def weight_change_rows(initial: Mapping[str, torch.Tensor], final: Mapping[str, 
     missing = sorted(set(initial) ^ set(final))
     if missing:
         raise ValueError(f"weight report: tensors {missing} are in only one of the initial and final weights")
-    gates = GATE_NAMES[config.cell]
+    gates = PYTORCH_GATE_ORDER[CELL_OPS[config.cell]]
     hidden = config.hidden_size
     rows: list[dict[str, Any]] = []
     for layer in range(config.num_layers):

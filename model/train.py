@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lstm_onnx.contract import CONFIG_FILE, INIT_FILE, METRICS_FILE, PLOT_FILE, WEIGHTS_FILE
+
 from . import checkpoint
 from .config import ModelConfig, RunConfig
 from .data import DEFAULT_TASK_PARAMS, DataError, Dataset, load_data, make_default_task, split_dataset
@@ -55,7 +57,7 @@ def check_output(output: Path) -> None:
     if output.exists():
         if not output.is_dir():
             raise OutputError(f"output {output}: is a file, expected a directory path for the run")
-        if any(output.iterdir()) and not (output / checkpoint.CONFIG_FILE).is_file():
+        if any(output.iterdir()) and not (output / CONFIG_FILE).is_file():
             raise OutputError(f"output {output}: a non-empty directory that is not a run directory; "
                               "expected a new path or an earlier run to replace")
 
@@ -291,11 +293,11 @@ def _write_run(output: Path, config: RunConfig, fit: _Fit, metrics: dict[str, An
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.staging-", dir=output.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; a run directory is meant to be shared
     try:
-        checkpoint.write_json(staging / checkpoint.CONFIG_FILE, config.to_dict())
-        for name, tensors in ((checkpoint.WEIGHTS_FILE, fit.final), (checkpoint.INIT_FILE, fit.init)):
+        checkpoint.write_json(staging / CONFIG_FILE, config.to_dict())
+        for name, tensors in ((WEIGHTS_FILE, fit.final), (INIT_FILE, fit.init)):
             checkpoint.save_weights(_load_net(config.model, tensors), staging / name)
-        checkpoint.write_json(staging / checkpoint.METRICS_FILE, metrics)
-        plot_history(fit.history, metrics["metric"], staging / checkpoint.PLOT_FILE)
+        checkpoint.write_json(staging / METRICS_FILE, metrics)
+        plot_history(fit.history, metrics["metric"], staging / PLOT_FILE)
         for path in staging.iterdir():
             path.chmod(0o644)  # the atomic writers create private temporaries; a run directory is meant to be read
         checkpoint.publish_dir(staging, output)

@@ -1,4 +1,4 @@
-"""Regenerates the Python stubs (with .pyi) from the .proto files here: `python -m protos.generate`."""
+"""Regenerates the Python stubs (with .pyi) from the .proto files here: `python -m lstm_onnx.protos.generate`."""
 from __future__ import annotations
 
 import re
@@ -10,7 +10,7 @@ PROTOS = ("model_config.proto", "grpc_service.proto")
 
 
 def generate_stubs(out_dir: Path = HERE) -> list[Path]:
-    """Run grpc_tools.protoc on PROTOS into out_dir and make the imports relative to package `protos`."""
+    """Run grpc_tools.protoc on PROTOS into out_dir and make the imports relative (package lstm_onnx.protos)."""
     from grpc_tools import protoc  # only needed to regenerate, so not a runtime dependency
 
     include = Path(protoc.__file__).resolve().parent / "_proto"
@@ -32,11 +32,11 @@ def generate_stubs(out_dir: Path = HERE) -> list[Path]:
         fixed = pattern.sub(r"from . import \1 as \2", text)
         fixed = re.sub(rf"^import ({modules})$", r"from . import \1", fixed, flags=re.M)
         # Register in the package's own pool: tritonclient puts the same names in the default one.
-        fixed = fixed.replace("_descriptor_pool.Default()", "_protos.POOL")
-        if "_protos.POOL" in fixed and "from . import __init__" not in fixed:
+        fixed = fixed.replace("_descriptor_pool.Default()", "_POOL")
+        if "_POOL" in fixed and "from . import POOL as _POOL" not in fixed:
             fixed = fixed.replace("from google.protobuf import descriptor_pool as _descriptor_pool\n",
                                   "from google.protobuf import descriptor_pool as _descriptor_pool\n"
-                                  "import protos as _protos\n", 1)
+                                  "from . import POOL as _POOL\n", 1)
         if fixed != text:
             path.write_text(fixed)
     return written

@@ -15,9 +15,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-import protos
-from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
+from lstm_onnx import protos
+from lstm_onnx.protos import grpc_service_pb2 as pb
+from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
 from . import tls
 from .metrics import Metrics, start_metrics_server

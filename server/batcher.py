@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import Internal
+from lstm_onnx.protocol.errors import Internal
+
 from .metrics import Metrics
 from .padding import pad_time
 from .runtime import ModelRuntime

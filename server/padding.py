@@ -13,7 +13,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+from lstm_onnx.contract import ONNX_DOMAINS, RECURRENT_OPS
+
+# Every ONNX recurrent op takes sequence_lens at input 4; plain RNN too, though the export never writes one.
+SEQUENCE_LENS_OPS = (*RECURRENT_OPS, "RNN")
 SEQUENCE_LENS_SLOT = 4  # X, W, R, B, sequence_lens for LSTM, GRU and RNN alike
 LENGTHS_INPUT = "lstm_onnx.sequence_lens"  # a name no exported or foreign model is likely to use
 
@@ -34,7 +37,7 @@ def add_sequence_lens(model: onnx.ModelProto, trusted: bool) -> tuple[onnx.Model
     reader of the time input at all).
     """
     graph = model.graph
-    recurrent = [n for n in graph.node if n.domain in ("", "ai.onnx") and n.op_type in RECURRENT_OPS]
+    recurrent = [n for n in graph.node if n.domain in ONNX_DOMAINS and n.op_type in SEQUENCE_LENS_OPS]
     if not recurrent:
         return None, "no recurrent node"
     for node in recurrent:
@@ -74,7 +77,7 @@ def add_sequence_lens(model: onnx.ModelProto, trusted: bool) -> tuple[onnx.Model
     batch = dims[0].dim_param if dims[0].HasField("dim_param") else "batch"
     rewritten.graph.input.append(helper.make_tensor_value_info(LENGTHS_INPUT, TensorProto.INT32, [batch]))
     for node in rewritten.graph.node:
-        if node.domain in ("", "ai.onnx") and node.op_type in RECURRENT_OPS:
+        if node.domain in ONNX_DOMAINS and node.op_type in SEQUENCE_LENS_OPS:
             while len(node.input) <= SEQUENCE_LENS_SLOT:
                 node.input.append("")
             node.input[SEQUENCE_LENS_SLOT] = LENGTHS_INPUT

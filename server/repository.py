@@ -7,10 +7,10 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
-from protos import model_config_pb2 as mc
+from lstm_onnx.protocol import datatypes
+from lstm_onnx.protocol.errors import NotFound, Unavailable
+from lstm_onnx.protos import model_config_pb2 as mc
 
-from . import datatypes
-from .errors import NotFound, Unavailable
 from .model_file import check_model_file
 from .runtime import ModelRuntime, RuntimeOptions, StatePair
 

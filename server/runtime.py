@@ -2,20 +2,20 @@
 from __future__ import annotations
 
 import base64
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import datatypes
-from .errors import Internal, InvalidArgument
+from lstm_onnx.contract import METADATA_KEY, parse_contract
+from lstm_onnx.protocol import datatypes
+from lstm_onnx.protocol.errors import Internal, InvalidArgument
+
 from .padding import RaggedPlan, add_sequence_lens
 
 log = logging.getLogger("lstm_onnx.server")
 
-CONTRACT_KEY = "lstm_onnx.contract"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
@@ -188,7 +188,7 @@ def _ragged_source(path: Path) -> tuple[str | bytes, RaggedPlan | None]:
         model = onnx.load(str(path))
     except Exception:  # onnxruntime gives the clearer error on a bad file: let it open the path
         return str(path), None
-    trusted = any(p.key == CONTRACT_KEY for p in model.metadata_props)
+    trusted = any(p.key == METADATA_KEY for p in model.metadata_props)
     rewritten, plan = add_sequence_lens(model, trusted)
     if rewritten is None:
         log.info("ragged batching off", extra={"fields": {"path": str(path), "why": plan}})
@@ -231,10 +231,7 @@ def _spec_of(arg) -> TensorSpec:
 
 
 def _read_contract(session) -> dict | None:
-    raw = session.get_modelmeta().custom_metadata_map.get(CONTRACT_KEY)
-    if raw is None:
-        return None
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"metadata '{CONTRACT_KEY}': not JSON ({exc})") from None
+    contract, problem = parse_contract(session.get_modelmeta().custom_metadata_map.get(METADATA_KEY))
+    if problem:
+        raise ValueError(problem)
+    return contract

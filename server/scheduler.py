@@ -8,11 +8,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lstm_onnx.protocol.codec import SequenceControl
+from lstm_onnx.protocol.errors import DeadlineExceeded, InvalidArgument, ServerError, Unavailable
+
 from .batcher import DynamicBatcher
-from .errors import DeadlineExceeded, InvalidArgument, ServerError, Unavailable
 from .metrics import Metrics
 from .repository import ModelVersion, Repository
-from .sequences import SequenceControl, SequenceStore
+from .sequences import SequenceStore
 
 
 @dataclass

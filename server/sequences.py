@@ -9,18 +9,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InvalidArgument, ResourceExhausted
+from lstm_onnx.protocol.codec import SequenceControl
+from lstm_onnx.protocol.errors import InvalidArgument, ResourceExhausted
 
 log = logging.getLogger("lstm_onnx.server")
-
-
-@dataclass(frozen=True)
-class SequenceControl:
-    """The sequence parameters of one request (Triton's sequence_id / sequence_start / sequence_end)."""
-
-    id: int | str
-    start: bool = False
-    end: bool = False
 
 
 @dataclass

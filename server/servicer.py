@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
+from lstm_onnx.protocol import codec
+from lstm_onnx.protocol.errors import NotFound, status_of
+from lstm_onnx.protos import grpc_service_pb2 as pb
+from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
-from . import codec
-from .errors import NotFound, status_of
 from .repository import READY, Repository
 from .scheduler import Scheduler
 

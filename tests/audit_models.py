@@ -98,7 +98,7 @@ def save(model: onnx.ModelProto, path: Path) -> Path:
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """`lstm-onnx ...` in a subprocess, as a user runs it."""
-    return subprocess.run([sys.executable, str(ROOT / "lstm_onnx.py"), *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "lstm_onnx", *args], capture_output=True, text=True,
                           cwd=str(ROOT), env=env, timeout=120)
 
 

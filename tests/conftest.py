@@ -12,8 +12,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 def _train_tiny(out: Path, **model_overrides) -> Path:
     """Train a tiny network for a few steps on the default task (seconds on 2 cores)."""
-    from model.config import ModelConfig, RunConfig, TrainConfig
-    from model.train import train_run
+    from lstm_onnx.model.config import ModelConfig, RunConfig, TrainConfig
+    from lstm_onnx.model.train import train_run
 
     model = dict(cell="lstm", input_size=1, hidden_size=8, num_layers=2, num_outputs=4)
     model.update(model_overrides)
@@ -51,7 +51,7 @@ def tiny_gru_run_dir(make_run_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory, tiny_run_dir, tiny_gru_run_dir) -> Path:
     """A Triton-layout model repository with `tiny_lstm` and `tiny_gru` (version 1 each)."""
-    from export.repository import export_to_repository
+    from lstm_onnx.export.repository import export_to_repository
 
     repo = tmp_path_factory.mktemp("repository")
     export_to_repository(tiny_run_dir, repo, name="tiny_lstm", version=1)

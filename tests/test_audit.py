@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from audit_models import codes, contract_model, random_layers, run_cli, save
-from export.audit import audit_model
+
+from lstm_onnx.export.audit import audit_model
 
 GOLDEN = Path(__file__).parent / "data" / "audit_golden.txt"
 
@@ -143,7 +143,7 @@ def test_audit_runs_without_torch(tmp_path):
 def test_audit_text_report_matches_golden(tmp_path):
     layers = random_layers("LSTM", 2, hidden=2, input_size=1, seed=7)
     path = save(contract_model(layers=layers, hidden=2, input_size=1, outputs=1, seed=7), tmp_path / "golden.onnx")
-    from export.audit_report import format_text
+    from lstm_onnx.export.audit.report import format_text
 
     text = format_text(audit_model(path)).replace(str(path), "MODEL")
     if os.environ.get("LSTM_ONNX_UPDATE_GOLDEN"):
@@ -231,7 +231,7 @@ def test_audit_checkpoint_of_other_shape_is_a_mismatch(tiny_repository, tiny_gru
 
 
 def test_audit_exported_bidirectional_gru_maps_reverse_rows(make_run_dir, tmp_path):
-    from export.repository import export_to_repository
+    from lstm_onnx.export.repository import export_to_repository
 
     run_dir = make_run_dir(cell="gru", bidirectional=True)
     export_to_repository(run_dir, tmp_path / "repo", name="bi_gru", version=1)

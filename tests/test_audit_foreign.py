@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from audit_models import codes, run_cli, save
 from onnx import TensorProto, helper, numpy_helper
 
-from audit_models import codes, run_cli, save
-from export.audit import audit_model
-from export.audit_report import format_text
+from lstm_onnx.export.audit import audit_model
+from lstm_onnx.export.audit.report import format_text
 
 RNG = np.random.default_rng(3)
 

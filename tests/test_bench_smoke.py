@@ -10,13 +10,13 @@ import asyncio
 import numpy as np
 import pytest
 
-from server import loadgen
+from lstm_onnx.client import loadgen
 
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny_repository):
-    from server.app import BackgroundServer
-    from server.settings import ServerSettings
+    from lstm_onnx.server.app import BackgroundServer
+    from lstm_onnx.server.settings import ServerSettings
 
     settings = ServerSettings(model_repository=str(tiny_repository), grpc_port=0, metrics_port=-1)
     with BackgroundServer(settings) as server:
@@ -64,7 +64,7 @@ def test_loadgen_counts_errors_for_an_unknown_model(tiny_server):
     async def go():
         async with loadgen.open_channel(tiny_server.url) as channel:
             x = {"input": np.zeros((1, 2, 1), np.float32)}
-            from server import codec
+            from lstm_onnx.protocol import codec
 
             payload = loadgen.Payload(x, codec.encode_request("no_such_model", x).SerializeToString())
             return (await loadgen.run_level(channel, [payload], 1, 3, 10.0, warmup=0))[0]
@@ -74,10 +74,10 @@ def test_loadgen_counts_errors_for_an_unknown_model(tiny_server):
 
 
 def _bench_args(*argv: str) -> argparse.Namespace:
-    from server import bench_cli
+    from lstm_onnx.client import cli as client_cli
 
     parser = argparse.ArgumentParser()
-    bench_cli.add_parser(parser.add_subparsers(dest="command"))
+    client_cli.register(parser.add_subparsers(dest="command"))
     return parser.parse_args(["bench", *argv])
 
 
@@ -96,7 +96,7 @@ def test_bench_command_checks_answers(tiny_server, tiny_repository, capsys):
     ("--batch", "0", "--batch: got 0, expected at least 1"),
 ])
 def test_bench_command_rejects_bad_flags(flag, value, message):
-    from lstm_onnx import UsageError
+    from lstm_onnx.errors import UsageError
 
     args = _bench_args("--model", "m", flag, value)
     with pytest.raises(UsageError, match=message.replace("[", r"\[")):

@@ -46,7 +46,7 @@ def test_services_images_and_dockerfiles(compose):
 
 
 def test_every_command_parses_with_the_real_cli(compose):
-    from lstm_onnx import build_parser
+    from lstm_onnx.cli import build_parser
 
     parser = build_parser()
     seen = set()
@@ -59,7 +59,7 @@ def test_every_command_parses_with_the_real_cli(compose):
 
 
 def test_env_vars_are_real_settings_and_ports_match_defaults(compose):
-    from server.settings import ServerSettings, env_name
+    from lstm_onnx.server.settings import ServerSettings, env_name
 
     defaults = ServerSettings()
     names = {env_name(f.name) for f in dataclasses.fields(ServerSettings)}

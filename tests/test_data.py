@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.data import DataError, load_data, make_default_task, split_dataset
+from lstm_onnx.model.data import DataError, load_data, make_default_task, split_dataset
 
 
 def _write_npz(path, **arrays):

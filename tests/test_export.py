@@ -14,10 +14,10 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from export.contract import read_contract
-from export.onnx_export import ExportError, check_explicit
-from export.repository import export_to_repository
-from model.checkpoint import file_digest, load_run
+from lstm_onnx.contract import file_digest, read_contract
+from lstm_onnx.export.onnx_export import ExportError, check_explicit
+from lstm_onnx.export.repository import export_to_repository
+from lstm_onnx.model.checkpoint import load_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,7 +85,8 @@ def test_initializers_and_contract_are_readable(tiny_run_dir, tmp_path):
     model = onnx.load(tmp_path / "m" / "1" / "model.onnx")
     names = {i.name for i in model.graph.initializer}
     assert {"layer0.W", "layer0.R", "layer0.B", "layer1.W", "layer1.R", "layer1.B", "head.weight", "head.bias"} <= names
-    contract = read_contract(model)
+    contract, problem = read_contract(model)
+    assert problem is None
     assert contract["cell"] == "lstm" and contract["num_layers"] == 2 and contract["hidden_size"] == 8
     assert contract["state"] == [{"input": "h0", "output": "hn"}, {"input": "c0", "output": "cn"}]
     assert contract["checkpoint_digest"] == file_digest(tiny_run_dir / "model.safetensors")

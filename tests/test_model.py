@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.config import ConfigError, ModelConfig
-from model.network import StackedRNN, expected_shapes
+from lstm_onnx.model.config import ConfigError, ModelConfig
+from lstm_onnx.model.network import StackedRNN, expected_shapes
 
 
 def _net(**overrides) -> StackedRNN:

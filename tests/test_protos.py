@@ -38,8 +38,9 @@ def test_every_message_matches_tritonclient_field_for_field(module):
 
 
 def test_service_methods_match_tritonclient():
-    from protos import grpc_service_pb2
     from tritonclient.grpc import service_pb2
+
+    from lstm_onnx.protos import grpc_service_pb2
 
     ours = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     theirs = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -53,7 +54,7 @@ def test_service_methods_match_tritonclient():
 
 
 def test_generated_stubs_are_up_to_date(tmp_path):
-    from protos.generate import HERE, generate_stubs
+    from lstm_onnx.protos.generate import HERE, generate_stubs
 
     for path in generate_stubs(tmp_path):
         assert filecmp.cmp(path, HERE / path.name, shallow=False), f"{path.name} is stale: run python -m protos.generate"

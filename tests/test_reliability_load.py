@@ -5,11 +5,16 @@ import asyncio
 import time
 
 import pytest
-
-from bench.reliability_faults import (
-    ServerProcess, inject_client_faults, resident_bytes, run_fragile_model, sigterm_under_load, write_fragile_model)
-from bench.reliability_requests import shape_of_repository
-from bench.reliability_soak import SoakClients, build_cases
+from reliability.faults import (
+    ServerProcess,
+    inject_client_faults,
+    resident_bytes,
+    run_fragile_model,
+    sigterm_under_load,
+    write_fragile_model,
+)
+from reliability.fuzz import shape_of_repository
+from reliability.soak import SoakClients, build_cases
 
 MODEL = "tiny_lstm"
 MESSAGE_BYTES = 1 << 20
@@ -50,8 +55,8 @@ def repository(tmp_path_factory, tiny_repository):
 
 @pytest.fixture(scope="module")
 def server(repository):
-    from server.app import BackgroundServer
-    from server.settings import ServerSettings
+    from lstm_onnx.server.app import BackgroundServer
+    from lstm_onnx.server.settings import ServerSettings
 
     settings = ServerSettings(model_repository=str(repository), grpc_port=0, metrics_port=-1,
                               max_message_bytes=MESSAGE_BYTES, executor_threads=2, sequence_idle_timeout_s=0.5)

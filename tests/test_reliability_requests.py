@@ -4,11 +4,18 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+from reliability.fuzz import (
+    OK,
+    Tally,
+    encode,
+    generate_bad_requests,
+    good_inputs,
+    reference_outputs,
+    shape_of_repository,
+)
 
-from bench.reliability_requests import (
-    OK, Tally, encode, generate_bad_requests, good_inputs, reference_outputs, shape_of_repository)
-from protos import grpc_service_pb2_grpc as pb_grpc
-from server import codec
+from lstm_onnx.protocol import codec
+from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
 MODEL = "tiny_lstm"
 MESSAGE_BYTES = 1 << 20  # small, so that the oversized cases stay cheap
@@ -18,8 +25,8 @@ STREAM_CASES = 160
 
 @pytest.fixture(scope="module")
 def server(tiny_repository):
-    from server.app import BackgroundServer
-    from server.settings import ServerSettings
+    from lstm_onnx.server.app import BackgroundServer
+    from lstm_onnx.server.settings import ServerSettings
 
     settings = ServerSettings(model_repository=str(tiny_repository), grpc_port=0, metrics_port=-1,
                               max_message_bytes=MESSAGE_BYTES, executor_threads=2)

@@ -12,8 +12,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
+from lstm_onnx.protos import grpc_service_pb2 as pb
+from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
 SECRET = np.array([1e6, 2e6, 3e6, 4e6], np.float32)  # bytes outside every model folder
 
@@ -94,8 +94,8 @@ BROKEN = ["corrupt", "truncated", "pickled", "pickled_v0", "ext_parent", "ext_ab
 
 @pytest.fixture(scope="module")
 def hostile_server(hostile_repository):
-    from server.app import BackgroundServer
-    from server.settings import ServerSettings
+    from lstm_onnx.server.app import BackgroundServer
+    from lstm_onnx.server.settings import ServerSettings
 
     repo, _ = hostile_repository
     with BackgroundServer(ServerSettings(model_repository=str(repo), grpc_port=0, metrics_port=-1)) as srv:
@@ -148,7 +148,7 @@ def test_nothing_in_a_model_file_was_executed(hostile_server, hostile_repository
 
 
 def test_model_file_check_refuses_external_data_outside_the_folder(hostile_repository):
-    from server.model_file import ModelFileError, check_model_file
+    from lstm_onnx.server.model_file import ModelFileError, check_model_file
 
     repo, _ = hostile_repository
     check_model_file(repo / "plain_add" / "1" / "model.onnx")
@@ -172,8 +172,8 @@ def _copy_run(src: Path, dst: Path) -> Path:
 def test_export_refuses_a_broken_run_directory_and_writes_nothing(tmp_path, tiny_run_dir, fault, words):
     from safetensors.numpy import load_file, save_file
 
-    from export.repository import export_to_repository
-    from model.checkpoint import CheckpointError
+    from lstm_onnx.export.repository import export_to_repository
+    from lstm_onnx.model.checkpoint import CheckpointError
 
     run = _copy_run(tiny_run_dir, tmp_path / "run")
     weights = run / "model.safetensors"

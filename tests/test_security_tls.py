@@ -9,10 +9,10 @@ import threading
 import grpc
 import numpy as np
 import pytest
+from reliability.fuzz import encode
 
-from bench.reliability_requests import encode
-from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
+from lstm_onnx.protos import grpc_service_pb2 as pb
+from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
 x509 = pytest.importorskip("cryptography.x509")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
@@ -59,8 +59,8 @@ def pki(tmp_path_factory):
 
 
 def _serve(repository, **overrides):
-    from server.app import BackgroundServer
-    from server.settings import ServerSettings
+    from lstm_onnx.server.app import BackgroundServer
+    from lstm_onnx.server.settings import ServerSettings
 
     return BackgroundServer(ServerSettings(model_repository=str(repository), grpc_port=0, metrics_port=-1,
                                            **overrides))
@@ -73,7 +73,7 @@ def _infer(channel) -> np.ndarray:
 
 
 def _secure(url: str, pki, client: str | None = None) -> grpc.Channel:
-    from server.tls import channel_credentials
+    from lstm_onnx.server.tls import channel_credentials
 
     cert, key = pki[client] if client else ("", "")
     # The certificate names 127.0.0.1; the URL is that address, so hostname checks really run.
@@ -101,8 +101,8 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(tiny_repository, p
 
 
 def test_tls_settings_must_come_in_pairs_and_name_readable_pem_files(tmp_path, pki):
-    from server.settings import ServerSettings
-    from server.tls import server_credentials
+    from lstm_onnx.server.settings import ServerSettings
+    from lstm_onnx.server.tls import server_credentials
 
     for bad in ({"tls_cert": pki["server"][0]}, {"tls_key": pki["server"][1]}, {"tls_client_ca": pki["ca"]}):
         with pytest.raises(ValueError, match="tls"):
@@ -124,7 +124,7 @@ def _outward_address() -> str | None:
 
 
 def test_default_binding_is_loopback_only(tiny_repository):
-    from server.settings import ServerSettings
+    from lstm_onnx.server.settings import ServerSettings
 
     assert ServerSettings().host == "127.0.0.1"
     outward = _outward_address()

@@ -11,9 +11,9 @@ from server_models import sample_input
 
 
 def test_concurrent_requests_are_merged_and_answers_match_single_runs(tiny_repository):
-    from server.app import BackgroundServer
-    from server.codec import decode_response, encode_request
-    from server.settings import ServerSettings
+    from lstm_onnx.protocol.codec import decode_response, encode_request
+    from lstm_onnx.server.app import BackgroundServer
+    from lstm_onnx.server.settings import ServerSettings
 
     settings = ServerSettings(model_repository=str(tiny_repository), grpc_port=0, metrics_port=-1,
                               executor_threads=1)
@@ -26,7 +26,7 @@ def test_concurrent_requests_are_merged_and_answers_match_single_runs(tiny_repos
         async def fire():
             import grpc
 
-            from protos import grpc_service_pb2_grpc as pb_grpc
+            from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
             async with grpc.aio.insecure_channel(srv.url) as channel:
                 stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -47,8 +47,8 @@ def test_concurrent_requests_are_merged_and_answers_match_single_runs(tiny_repos
 def test_idle_model_runs_at_once_without_waiting_for_the_delay():
     from concurrent.futures import ThreadPoolExecutor
 
-    from server.batcher import DynamicBatcher
-    from server.metrics import Metrics
+    from lstm_onnx.server.batcher import DynamicBatcher
+    from lstm_onnx.server.metrics import Metrics
 
     class Echo:
         name, version = "echo", 1
@@ -67,7 +67,7 @@ def test_idle_model_runs_at_once_without_waiting_for_the_delay():
 
 
 def test_requests_of_different_shapes_are_not_merged():
-    from server.batcher import batch_key, split_outputs
+    from lstm_onnx.server.batcher import batch_key, split_outputs
 
     a = {"input": np.zeros((1, 5, 1), np.float32)}
     b = {"input": np.zeros((2, 7, 1), np.float32)}
@@ -112,8 +112,8 @@ def _fire(url, requests):
     """Send (model, inputs) pairs concurrently over one channel; answers in order."""
     import grpc
 
-    from protos import grpc_service_pb2_grpc as pb_grpc
-    from server.codec import decode_response, encode_request
+    from lstm_onnx.protocol.codec import decode_response, encode_request
+    from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
     async def go():
         async with grpc.aio.insecure_channel(url) as channel:
@@ -125,8 +125,8 @@ def _fire(url, requests):
 
 
 def test_mixed_length_requests_merge_and_each_equals_its_run_alone(tiny_repository):
-    from server.app import BackgroundServer
-    from server.settings import ServerSettings
+    from lstm_onnx.server.app import BackgroundServer
+    from lstm_onnx.server.settings import ServerSettings
 
     settings = ServerSettings(model_repository=str(tiny_repository), grpc_port=0, metrics_port=-1,
                               executor_threads=1)
@@ -147,9 +147,9 @@ def test_mixed_length_requests_merge_and_each_equals_its_run_alone(tiny_reposito
 
 
 def test_padded_batch_equals_rows_alone_for_bidirectional_models(make_run_dir, tmp_path):
-    from export.repository import export_to_repository
-    from server.batcher import merge_inputs, split_outputs
-    from server.runtime import ModelRuntime, RuntimeOptions
+    from lstm_onnx.export.repository import export_to_repository
+    from lstm_onnx.server.batcher import merge_inputs, split_outputs
+    from lstm_onnx.server.runtime import ModelRuntime, RuntimeOptions
 
     for cell in ("lstm", "gru"):
         repo = tmp_path / cell
@@ -178,9 +178,9 @@ def test_padded_batch_equals_rows_alone_for_bidirectional_models(make_run_dir, t
 def test_sequences_in_a_ragged_batch_carry_exact_state(tiny_repository):
     import threading
 
-    from server.app import BackgroundServer
-    from server.client import InferenceClient, split_time
-    from server.settings import ServerSettings
+    from lstm_onnx.client.client import InferenceClient, split_time
+    from lstm_onnx.server.app import BackgroundServer
+    from lstm_onnx.server.settings import ServerSettings
 
     settings = ServerSettings(model_repository=str(tiny_repository), grpc_port=0, metrics_port=-1,
                               executor_threads=1)
@@ -221,8 +221,8 @@ def test_model_reading_every_step_is_not_rewritten(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from server.padding import add_sequence_lens
-    from server.runtime import ModelRuntime, RuntimeOptions
+    from lstm_onnx.server.padding import add_sequence_lens
+    from lstm_onnx.server.runtime import ModelRuntime, RuntimeOptions
 
     hidden = 3
     rng = np.random.default_rng(0)

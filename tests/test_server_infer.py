@@ -12,8 +12,8 @@ from server_models import ONNX_TYPES, build_repository, sample_input
 
 @pytest.fixture(scope="module")
 def server(tiny_repository, tmp_path_factory):
-    from server.app import BackgroundServer
-    from server.settings import ServerSettings
+    from lstm_onnx.server.app import BackgroundServer
+    from lstm_onnx.server.settings import ServerSettings
 
     repo = build_repository(tiny_repository, tmp_path_factory.mktemp("infer") / "repo")
     with BackgroundServer(ServerSettings(model_repository=str(repo), grpc_port=0, metrics_port=-1)) as srv:
@@ -23,7 +23,7 @@ def server(tiny_repository, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stub(server):
-    from protos import grpc_service_pb2_grpc as pb_grpc
+    from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(server.url) as channel:
         yield pb_grpc.GRPCInferenceServiceStub(channel)
@@ -38,7 +38,7 @@ def _triton_input(name, array, datatype=None):
 
 
 def _v2(array):
-    from server.datatypes import datatype_of_numpy
+    from lstm_onnx.protocol.datatypes import datatype_of_numpy
 
     return datatype_of_numpy(array.dtype)
 
@@ -50,7 +50,7 @@ def _direct(server, model, feeds):
 
 @pytest.mark.parametrize("datatype", list(ONNX_TYPES))
 def test_every_datatype_round_trips_through_tritonclient(triton, datatype):
-    from server.datatypes import numpy_of
+    from lstm_onnx.protocol.datatypes import numpy_of
 
     rng = np.random.default_rng(1)
     x = (rng.integers(0, 2, (2, 3)) if datatype == "BOOL" else rng.integers(-5, 5, (2, 3))).astype(numpy_of(datatype))
@@ -81,8 +81,8 @@ def test_requested_outputs_come_back_in_the_order_asked(triton):
 
 
 def test_typed_contents_give_the_same_answer_as_raw(server, stub):
-    from protos import grpc_service_pb2 as pb
-    from server.codec import decode_response, encode_request
+    from lstm_onnx.protocol.codec import decode_response, encode_request
+    from lstm_onnx.protos import grpc_service_pb2 as pb
 
     x = sample_input(2, 5)
     raw = decode_response(stub.ModelInfer(encode_request("tiny_gru", {"input": x})))
@@ -101,8 +101,8 @@ def _code(stub, request):
 
 
 def test_malformed_requests_get_fitting_codes_and_clear_messages(stub):
-    from protos import grpc_service_pb2 as pb
-    from server.codec import encode_request
+    from lstm_onnx.protocol.codec import encode_request
+    from lstm_onnx.protos import grpc_service_pb2 as pb
 
     x = sample_input(2, 5)
     code, msg = _code(stub, encode_request("tiny_lstm", {"input": x[:, :, :1].repeat(3, axis=2)}))
@@ -145,7 +145,7 @@ def test_malformed_requests_get_fitting_codes_and_clear_messages(stub):
 
 
 def test_large_batch_of_long_sequences_fits_the_message_limit(stub):
-    from server.codec import decode_response, encode_request
+    from lstm_onnx.protocol.codec import decode_response, encode_request
 
     x = sample_input(8, 150_000)  # 4.8 MB: over gRPC's 4 MiB default
     out = decode_response(stub.ModelInfer(encode_request("tiny_gru", {"input": x}, outputs=["output"]),

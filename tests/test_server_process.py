@@ -27,7 +27,7 @@ def test_server_package_never_imports_torch():
 
 def _serve(repo: Path, *extra: str) -> tuple[subprocess.Popen, str, list[str], int | None]:
     env = dict(os.environ, LSTM_ONNX_GRACE_PERIOD_S="20", LSTM_ONNX_LOG_FORMAT="json")
-    proc = subprocess.Popen([sys.executable, "lstm_onnx.py", "serve", "--model-repository", str(repo),
+    proc = subprocess.Popen([sys.executable, "-m", "lstm_onnx", "serve", "--model-repository", str(repo),
                              "--grpc-port", "0", "--metrics-port", "0", *extra],
                             cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
@@ -53,7 +53,7 @@ def _pending(metrics_port: int) -> int:
 
 
 def test_sigterm_drains_in_flight_requests_then_exits(tiny_repository):
-    from server.client import ClientError, InferenceClient
+    from lstm_onnx.client.client import ClientError, InferenceClient
 
     proc, url, lines, metrics_port = _serve(tiny_repository)
     try:
@@ -89,9 +89,9 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_repository):
 def test_draining_server_refuses_new_requests_with_unavailable(tiny_repository):
     import grpc
 
-    from server.app import BackgroundServer
-    from server.client import ClientError, InferenceClient
-    from server.settings import ServerSettings
+    from lstm_onnx.client.client import ClientError, InferenceClient
+    from lstm_onnx.server.app import BackgroundServer
+    from lstm_onnx.server.settings import ServerSettings
 
     with BackgroundServer(ServerSettings(model_repository=str(tiny_repository), grpc_port=0, metrics_port=-1)) as srv:
         srv.running.scheduler.draining = True
@@ -109,7 +109,7 @@ def test_infer_and_stream_commands_print_outputs(tiny_repository, tmp_path):
     proc, url, _, _ = _serve(tiny_repository)
     try:
         def cli(*args):
-            return subprocess.run([sys.executable, "lstm_onnx.py", *args], cwd=ROOT, capture_output=True,
+            return subprocess.run([sys.executable, "-m", "lstm_onnx", *args], cwd=ROOT, capture_output=True,
                                   text=True, timeout=120)
 
         whole = cli("infer", "--url", url, "--model", "tiny_lstm", "--input", str(tmp_path / "x.npy"), "--json")
@@ -133,7 +133,7 @@ def test_infer_and_stream_commands_print_outputs(tiny_repository, tmp_path):
 
 
 def test_serve_reports_a_missing_repository_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "lstm_onnx.py", "serve", "--model-repository", str(tmp_path / "none"),
+    result = subprocess.run([sys.executable, "-m", "lstm_onnx", "serve", "--model-repository", str(tmp_path / "none"),
                              "--grpc-port", "0", "--metrics-port", "-1"], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2 and "not a directory" in result.stderr.splitlines()[-1]
@@ -142,7 +142,7 @@ def test_serve_reports_a_missing_repository_in_one_line(tmp_path):
 def test_settings_come_from_env_and_flags_override():
     import argparse
 
-    from server.settings import add_arguments, load_settings
+    from lstm_onnx.server.settings import add_arguments, load_settings
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -11,8 +11,8 @@ from server_models import build_repository, sample_input
 
 @pytest.fixture(scope="module")
 def server(tiny_repository, tmp_path_factory):
-    from server.app import BackgroundServer
-    from server.settings import ServerSettings
+    from lstm_onnx.server.app import BackgroundServer
+    from lstm_onnx.server.settings import ServerSettings
 
     repo = build_repository(tiny_repository, tmp_path_factory.mktemp("rpc") / "repo")
     settings = ServerSettings(model_repository=str(repo), grpc_port=0, metrics_port=0)
@@ -99,8 +99,8 @@ def test_health_serving_when_all_models_load_and_reflection_lists_services(serve
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    from server.app import BackgroundServer
-    from server.settings import ServerSettings
+    from lstm_onnx.server.app import BackgroundServer
+    from lstm_onnx.server.settings import ServerSettings
 
     # The shared server has a broken model, so it is NOT_SERVING; a clean repository is SERVING.
     with grpc.insecure_channel(server.url) as channel:
@@ -123,7 +123,7 @@ def test_health_serving_when_all_models_load_and_reflection_lists_services(serve
 
 
 def test_our_client_reads_metadata_and_infers(server):
-    from server.client import InferenceClient
+    from lstm_onnx.client.client import InferenceClient
 
     with InferenceClient(server.url) as client:
         assert client.metadata("tiny_lstm").name == "tiny_lstm"

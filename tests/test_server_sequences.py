@@ -11,8 +11,8 @@ from server_models import sample_input
 
 
 def _start(repo, **overrides):
-    from server.app import BackgroundServer
-    from server.settings import ServerSettings
+    from lstm_onnx.server.app import BackgroundServer
+    from lstm_onnx.server.settings import ServerSettings
 
     return BackgroundServer(ServerSettings(model_repository=str(repo), grpc_port=0, metrics_port=-1, **overrides))
 
@@ -25,8 +25,8 @@ def server(tiny_repository):
 
 @pytest.mark.parametrize("model", ["tiny_lstm", "tiny_gru"])
 def test_chunked_sequence_over_model_infer_equals_whole(server, model):
-    from server.client import InferenceClient, split_time
-    from server.sequences import SequenceControl
+    from lstm_onnx.client.client import InferenceClient, split_time
+    from lstm_onnx.server.sequences import SequenceControl
 
     x = sample_input(2, 23, seed=3)
     with InferenceClient(server.url) as client:
@@ -40,7 +40,7 @@ def test_chunked_sequence_over_model_infer_equals_whole(server, model):
 
 
 def test_chunked_sequence_over_our_stream_equals_whole(server):
-    from server.client import InferenceClient, split_time
+    from lstm_onnx.client.client import InferenceClient, split_time
 
     x = sample_input(1, 17, seed=4)
     with InferenceClient(server.url) as client:
@@ -80,8 +80,8 @@ def test_tritonclient_stream_with_sequence_ids_and_an_error_that_keeps_the_strea
 
 
 def test_unknown_sequence_without_start_is_invalid_argument(server):
-    from server.client import ClientError, InferenceClient
-    from server.sequences import SequenceControl
+    from lstm_onnx.client.client import ClientError, InferenceClient
+    from lstm_onnx.server.sequences import SequenceControl
 
     with InferenceClient(server.url) as client:
         with pytest.raises(ClientError) as info:
@@ -94,8 +94,8 @@ def test_unknown_sequence_without_start_is_invalid_argument(server):
 
 
 def test_idle_sequences_are_evicted_and_live_ones_bounded(tiny_repository):
-    from server.client import ClientError, InferenceClient
-    from server.sequences import SequenceControl
+    from lstm_onnx.client.client import ClientError, InferenceClient
+    from lstm_onnx.server.sequences import SequenceControl
 
     x = sample_input(1, 3)
     with _start(tiny_repository, sequence_idle_timeout_s=0.3, max_sequences=2) as srv:
@@ -117,9 +117,10 @@ def test_idle_sequences_are_evicted_and_live_ones_bounded(tiny_repository):
 
 
 def test_sequence_id_on_a_stateless_model_is_refused(tmp_path):
-    from server.client import ClientError, InferenceClient
-    from server.sequences import SequenceControl
     from server_models import write_identity_model
+
+    from lstm_onnx.client.client import ClientError, InferenceClient
+    from lstm_onnx.server.sequences import SequenceControl
 
     write_identity_model(tmp_path / "plain" / "1" / "model.onnx", "FP32")
     with _start(tmp_path) as srv, InferenceClient(srv.url) as client:
@@ -129,9 +130,9 @@ def test_sequence_id_on_a_stateless_model_is_refused(tmp_path):
 
 
 def test_bidirectional_model_takes_a_sequence_only_whole(make_run_dir, tmp_path):
-    from export.repository import export_to_repository
-    from server.client import ClientError, InferenceClient
-    from server.sequences import SequenceControl
+    from lstm_onnx.client.client import ClientError, InferenceClient
+    from lstm_onnx.export.repository import export_to_repository
+    from lstm_onnx.server.sequences import SequenceControl
 
     export_to_repository(make_run_dir(bidirectional=True), tmp_path, name="bi")
     x = sample_input(1, 9, seed=2)

@@ -26,11 +26,11 @@ def _successes(metrics_port: int) -> float:
 def test_two_workers_share_the_port_both_answer_and_sigterm_drains_both(tiny_repository):
     import grpc
 
-    from protos import grpc_service_pb2_grpc as pb_grpc
-    from server.codec import decode_response, encode_request
+    from lstm_onnx.protocol.codec import decode_response, encode_request
+    from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
     env = dict(os.environ, LSTM_ONNX_LOG_FORMAT="json", LSTM_ONNX_GRACE_PERIOD_S="5")
-    proc = subprocess.Popen([sys.executable, "lstm_onnx.py", "serve", "--model-repository", str(tiny_repository),
+    proc = subprocess.Popen([sys.executable, "-m", "lstm_onnx", "serve", "--model-repository", str(tiny_repository),
                              "--grpc-port", "0", "--metrics-port", "0", "--workers", "2", "--executor-threads", "1"],
                             cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
@@ -76,7 +76,7 @@ def test_two_workers_share_the_port_both_answer_and_sigterm_drains_both(tiny_rep
 
 
 def test_workers_flag_rejects_zero():
-    result = subprocess.run([sys.executable, "lstm_onnx.py", "serve", "--model-repository", ".", "--workers", "0"],
+    result = subprocess.run([sys.executable, "-m", "lstm_onnx", "serve", "--model-repository", ".", "--workers", "0"],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "workers: got 0, expected at least 1" in result.stderr
@@ -85,7 +85,7 @@ def test_workers_flag_rejects_zero():
 def test_event_loop_setting_picks_the_loop():
     import asyncio
 
-    from server.app import run_event_loop
+    from lstm_onnx.server.app import run_event_loop
 
     async def loop_module() -> str:
         return type(asyncio.get_running_loop()).__module__

@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.checkpoint import CheckpointError, load_run, read_weights
-from model.config import ModelConfig, RunConfig, TrainConfig
-from model.data import DataError
-from model.network import expected_shapes
-from model.report import format_weight_table
-from model.train import OutputError, train_run
+from lstm_onnx.model.checkpoint import CheckpointError, load_run, read_weights
+from lstm_onnx.model.config import ModelConfig, RunConfig, TrainConfig
+from lstm_onnx.model.data import DataError
+from lstm_onnx.model.network import expected_shapes
+from lstm_onnx.model.report import format_weight_table
+from lstm_onnx.model.train import OutputError, train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_FILES = {"config.json", "model.safetensors", "init.safetensors", "metrics.json", "loss.png"}
@@ -87,7 +87,7 @@ def test_weight_report_lists_every_tensor_and_gate(make_run_dir, cell, bidirecti
 
 
 def test_weight_report_flags_a_tensor_that_did_not_move(tiny_run_dir):
-    from model.report import weight_change_rows
+    from lstm_onnx.model.report import weight_change_rows
 
     net, run = load_run(tiny_run_dir)
     final = {k: v.clone() for k, v in net.state_dict().items()}

@@ -1,20 +1,20 @@
-"""Weight audit of any ONNX model with LSTM/GRU nodes: resolve, split per gate, and collect findings (onnx + numpy only)."""
+"""Reading any ONNX recurrence: resolve each LSTM/GRU node's weights and split them per gate (onnx + numpy only)."""
 from __future__ import annotations
 
 import heapq
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
-from .contract import read_contract_checked as read_contract
-from .external import ExternalDataError, tensor_to_array
-from .gates import DIRECTIONS, GateShapeError, GateTensor, split_gates
+from lstm_onnx.contract import ONNX_DOMAINS, RECURRENT_OPS, read_contract
 
-RECURRENT_OPS = ("LSTM", "GRU")
+from .external import ExternalDataError, tensor_to_array
+from .gates import GateShapeError, split_gates
+from .result import DIRECTIONS, Audit, AuditInputError, HeadTensor, Layer
+
 LOOP_OPS = ("Loop", "Scan")
 # Operator input positions (ONNX spec) of the tensors the audit reads.
 ROLES: dict[str, dict[str, int]] = {
@@ -23,92 +23,6 @@ ROLES: dict[str, dict[str, int]] = {
 }
 WEIGHT_ROLES = ("W", "R", "B", "P")
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
-
-
-class AuditInputError(ValueError):
-    """The model or checkpoint given to the audit cannot be read at all (missing, not ONNX, not a run)."""
-
-
-@dataclass
-class Finding:
-    """One thing the auditor should know; `severity` is error (exit 1), warning or info."""
-
-    code: str
-    severity: str
-    message: str
-    tensors: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Layer:
-    """One recurrent node, its resolved weights split per direction and gate."""
-
-    index: int
-    node: str
-    op: str
-    hidden_size: int
-    input_size: int | None
-    direction: str
-    attributes: dict[str, Any]
-    sources: dict[str, str | None]  # role -> resolved tensor name (None: input absent or not constant)
-    reads: list[str]  # what feeds X, nearest first: ops between this layer and the previous one
-    gates: list[GateTensor] = field(default_factory=list)
-    params: int = 0
-
-    @property
-    def label(self) -> str:
-        return f"layer{self.index}"
-
-    @property
-    def directions(self) -> tuple[str, ...]:
-        return DIRECTIONS[self.direction]
-
-
-@dataclass
-class HeadTensor:
-    """A float initializer outside the recurrent nodes (the head and anything else with weights)."""
-
-    name: str
-    array: np.ndarray
-    consumers: list[str]
-
-    @property
-    def params(self) -> int:
-        return int(self.array.size)
-
-
-@dataclass
-class Audit:
-    """Everything the audit found about one model; reports are rendered from this alone."""
-
-    path: str
-    producer: str
-    layers: list[Layer]
-    head: list[HeadTensor]
-    contract: dict[str, Any] | None
-    findings: list[Finding] = field(default_factory=list)
-    # key -> {"pytorch": "rnn.weight_ih_l0[0:8]", "identical": bool, "change": float | None}; None without --checkpoint
-    checkpoint: dict[str, dict[str, Any]] | None = None
-    checkpoint_params: int | None = None
-
-    @property
-    def recurrent_params(self) -> int:
-        return sum(layer.params for layer in self.layers)
-
-    @property
-    def head_params(self) -> int:
-        return sum(t.params for t in self.head)
-
-    @property
-    def total_params(self) -> int:
-        return self.recurrent_params + self.head_params
-
-    @property
-    def errors(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity == "error"]
-
-    def add(self, code: str, severity: str, message: str, tensors: list[str] | None = None) -> None:
-        self.findings.append(Finding(code, severity, message, list(tensors or [])))
 
 
 class GraphIndex:
@@ -224,10 +138,8 @@ def topological_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     return [graph.node[i] for i in order]
 
 
-def audit_model(path: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> Audit:
-    """Audit every LSTM/GRU node of an ONNX model; with `checkpoint` (a run directory) also trace provenance."""
-    from .findings import check_all
-
+def read_graph(path: str | os.PathLike) -> Audit:
+    """Every LSTM/GRU node of an ONNX model, its weights resolved and split per gate; no checks yet."""
     model = load_model(path)
     graph = model.graph
     index = GraphIndex(graph, Path(path).resolve().parent)
@@ -238,7 +150,7 @@ def audit_model(path: str | os.PathLike, checkpoint: str | os.PathLike | None = 
         audit.add("DIGEST_MISMATCH", "error", contract_problem)
 
     nodes = topological_nodes(graph)
-    recurrent = [n for n in nodes if n.op_type in RECURRENT_OPS and n.domain in ("", "ai.onnx")]
+    recurrent = [n for n in nodes if n.op_type in RECURRENT_OPS and n.domain in ONNX_DOMAINS]
     labels = {id(n): f"layer{k}" for k, n in enumerate(recurrent)}
     weight_sources: set[str] = set()
     for k, node in enumerate(recurrent):
@@ -247,11 +159,6 @@ def audit_model(path: str | os.PathLike, checkpoint: str | os.PathLike | None = 
         weight_sources.update(layer.sources[r] for r in WEIGHT_ROLES if layer.sources.get(r))
     audit.head = _collect_head(audit, index, weight_sources)
     _note_graph_shape(audit, graph, recurrent)
-    check_all(audit)
-    if checkpoint is not None:
-        from .audit_checkpoint import compare_checkpoint
-
-        compare_checkpoint(audit, Path(checkpoint))
     return audit
 
 

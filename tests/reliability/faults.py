@@ -16,13 +16,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
+from lstm_onnx.protos import grpc_service_pb2 as pb
+from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
-from .reliability_requests import ModelShape, encode
-from .reliability_soak import Case, check_outputs
+from .fuzz import ModelShape, encode
+from .soak import Case, check_outputs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CLIENT_FAULTS = ("cancelled_call", "expired_deadline", "dropped_stream", "never_ended_sequence")
 
 

@@ -1,4 +1,4 @@
-"""The `audit` subcommand: parser here, work in export.audit (imports only onnx and numpy, lazily)."""
+"""The `audit` subcommand: parser here, work in lstm_onnx.export.audit (onnx and numpy, imported lazily)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,8 @@ import json
 import sys
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `audit` to the `lstm-onnx` dispatcher."""
     parser = sub.add_parser(
         "audit",
         help="show every gate's weights of the LSTM/GRU nodes in an ONNX file, and flag suspicious ones",
@@ -34,10 +35,10 @@ def run_audit(args: argparse.Namespace) -> int:
     finding is an error (NaN/Inf, tied or copied weights, digest or checkpoint mismatch, no explicit
     recurrent op), 2 on a usage error.
     """
-    from lstm_onnx import CheckFailed, UsageError
+    from lstm_onnx.errors import CheckFailed, UsageError
 
-    from .audit import AuditInputError, audit_model
-    from .audit_report import format_text, to_json, write_npz, write_plot
+    from . import AuditInputError, audit_model
+    from .report import format_text, to_json, write_npz, write_plot
 
     try:
         audit = audit_model(args.model, checkpoint=args.checkpoint)

@@ -2,20 +2,15 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import numpy as np
 
-# Row blocks inside ONNX's fused tensors, in the order the operator spec stores them.
-ONNX_ORDER: dict[str, tuple[str, ...]] = {
-    "LSTM": ("input", "output", "forget", "cell"),  # i, o, f, c
-    "GRU": ("update", "reset", "hidden"),  # z, r, h
-}
-# Row blocks inside PyTorch's weight_ih_l{k} / weight_hh_l{k} / bias_*_l{k}.
-PYTORCH_ORDER: dict[str, tuple[str, ...]] = {
-    "LSTM": ("input", "forget", "cell", "output"),  # i, f, g, o
-    "GRU": ("reset", "update", "hidden"),  # r, z, n
-}
+from lstm_onnx.contract import ONNX_GATE_ORDER as ONNX_ORDER
+from lstm_onnx.contract import PYTORCH_GATE_ORDER as PYTORCH_ORDER
+from lstm_onnx.contract import initializer_names
+
+from .result import DIRECTIONS, GateTensor
+
 # The order a person asks about the gates in, used for tables and plots.
 DISPLAY_ORDER: dict[str, tuple[str, ...]] = {
     "LSTM": ("input", "forget", "cell", "output"),
@@ -31,33 +26,11 @@ PYTORCH_LETTERS = {
 }
 # ONNX's P holds peepholes for i, o, f (the cell candidate has none).
 PEEPHOLE_ORDER = ("input", "output", "forget")
-DIRECTIONS = {"forward": ("forward",), "reverse": ("reverse",), "bidirectional": ("forward", "reverse")}
 KINDS = ("W", "R", "bW", "bR", "P")
 
 
 class GateShapeError(ValueError):
     """A recurrent node's W/R/B/P does not have the shape the operator spec requires."""
-
-
-@dataclass
-class GateTensor:
-    """One gate's slice of one fused tensor, with where it came from."""
-
-    layer: int
-    direction: str
-    gate: str
-    kind: str  # W [H, in], R [H, H], bW/bR [H], P [H]
-    array: np.ndarray
-    source: str  # name of the fused initializer / Constant it was sliced from
-    index: str  # the slice inside `source`, e.g. "[0, 8:16, :]"
-
-    @property
-    def key(self) -> str:
-        return f"layer{self.layer}.{self.direction}.{self.gate}.{self.kind}"
-
-    @property
-    def params(self) -> int:
-        return int(self.array.size)
 
 
 def gate_digest(array: np.ndarray) -> str:
@@ -159,3 +132,15 @@ def describe_layout(op: str, hidden: int, num_directions: int, input_size: int, 
         lines.append(f"  P [{num_directions}, {3 * h}] (peepholes, optional): {h}-wide blocks for i, o, f.")
     lines.append(f"  PyTorch weight_ih_l{{k}}/weight_hh_l{{k}}/bias_*_l{{k}}: rows {torch_rows}.")
     return lines
+
+
+def gate_digests(cell: str, layers: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]) -> dict[str, str]:
+    """Digest of every gate slice, keyed `layer{k}.{direction}.{gate}.{part}`, exactly as the audit computes it."""
+    op = cell.upper()
+    digests: dict[str, str] = {}
+    for k, (W, R, B) in enumerate(layers):
+        direction = "bidirectional" if W.shape[0] == 2 else "forward"
+        names = initializer_names(k)
+        for gate in split_gates(op, k, R.shape[-1], direction, {"W": W, "R": R, "B": B}, names):
+            digests[gate.key] = gate_digest(gate.array)
+    return digests

@@ -23,8 +23,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from .audit import Audit
-from .gates import GateTensor, gate_digest
+from .gates import gate_digest
+from .result import Audit, GateTensor
 
 # Slices smaller than this are too small for bit-identity to mean copying (a 1-element bias can repeat by chance).
 MIN_TIED_SIZE = 2

@@ -16,12 +16,18 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from protos import grpc_service_pb2_grpc as pb_grpc
+from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
-from .reliability_faults import (
-    ServerProcess, inject_client_faults, resident_bytes, run_fragile_model, sigterm_under_load, write_fragile_model)
-from .reliability_requests import OK, encode, generate_bad_requests, good_inputs, reference_outputs, shape_of_repository
-from .reliability_soak import SoakClients, build_cases, check_outputs
+from .faults import (
+    ServerProcess,
+    inject_client_faults,
+    resident_bytes,
+    run_fragile_model,
+    sigterm_under_load,
+    write_fragile_model,
+)
+from .fuzz import OK, encode, generate_bad_requests, good_inputs, reference_outputs, shape_of_repository
+from .soak import SoakClients, build_cases, check_outputs
 
 MODEL = "tiny_lstm"
 MESSAGE_BYTES = 1 << 20
@@ -43,9 +49,9 @@ class Row:
 
 def _tiny_repository(root: Path) -> Path:
     """A two-layer hidden-8 LSTM trained for a few steps, exported as tiny_lstm (seconds; imports torch here only)."""
-    from export.repository import export_to_repository
-    from model.config import ModelConfig, RunConfig, TrainConfig
-    from model.train import train_run
+    from lstm_onnx.export.repository import export_to_repository
+    from lstm_onnx.model.config import ModelConfig, RunConfig, TrainConfig
+    from lstm_onnx.model.train import train_run
 
     config = RunConfig(model=ModelConfig(cell="lstm", input_size=1, hidden_size=8, num_layers=2, num_outputs=4),
                        training=TrainConfig(epochs=1, dry_run=True, seed=0), seed=0)
@@ -89,8 +95,8 @@ def _bad_requests(url: str, shape, model_path: Path, count: int) -> Row:
 
 
 def run(requests: int, clients: int, faults: int, bad: int, repository: Path | None) -> list[Row]:
-    from server.app import BackgroundServer
-    from server.settings import ServerSettings
+    from lstm_onnx.server.app import BackgroundServer
+    from lstm_onnx.server.settings import ServerSettings
 
     work = Path(tempfile.mkdtemp(prefix="lstm-onnx-reliability-"))
     try:
@@ -164,7 +170,7 @@ def render(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.reliability", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m reliability", description=__doc__)
     parser.add_argument("--requests", type=int, default=50_000, help="soak requests after warm-up (default 50000)")
     parser.add_argument("--clients", type=int, default=64, help="concurrent soak clients (default 64)")
     parser.add_argument("--faults", type=int, default=400, help="client faults to inject (default 400)")

@@ -2,14 +2,24 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
-from protos import grpc_service_pb2 as pb
+from lstm_onnx.protos import grpc_service_pb2 as pb
 
 from . import datatypes
 from .errors import InvalidArgument
-from .sequences import SequenceControl
+
+
+@dataclass(frozen=True)
+class SequenceControl:
+    """The sequence parameters of one request (Triton's sequence_id / sequence_start / sequence_end)."""
+
+    id: int | str
+    start: bool = False
+    end: bool = False
+
 
 # Which typed-contents field carries each datatype (KServe v2).
 _CONTENTS_FIELD = {

@@ -7,11 +7,10 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 
-from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
-
-from . import codec
-from .sequences import SequenceControl
+from lstm_onnx.protocol import codec
+from lstm_onnx.protocol.codec import SequenceControl
+from lstm_onnx.protos import grpc_service_pb2 as pb
+from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
 DEFAULT_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -82,7 +81,7 @@ class InferenceClient:
 def random_inputs(metadata: pb.ModelMetadataResponse, batch: int, time: int, seed: int = 0,
                   skip: set[str] = frozenset()) -> dict[str, np.ndarray]:
     """Random inputs for a model from its metadata: dynamic axes become batch (first) and time (others)."""
-    from .datatypes import numpy_of
+    from lstm_onnx.protocol.datatypes import numpy_of
 
     rng = np.random.default_rng(seed)
     arrays = {}

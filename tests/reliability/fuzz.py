@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from protos import grpc_service_pb2 as pb
+from lstm_onnx.protos import grpc_service_pb2 as pb
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -60,7 +60,7 @@ def shape_of_repository(repository: Path, model: str, max_message_bytes: int) ->
     """Read the model's shape from its config.pbtxt (the exporter writes every tensor there)."""
     from google.protobuf import text_format
 
-    from protos import model_config_pb2 as mc
+    from lstm_onnx.protos import model_config_pb2 as mc
 
     config = text_format.Parse((Path(repository) / model / "config.pbtxt").read_text(), mc.ModelConfig())
     inputs = {t.name: list(t.dims) for t in config.input}
@@ -324,6 +324,6 @@ def reference_outputs(model_path: Path, inputs: dict[str, np.ndarray], shape: Mo
     `shape` is accepted for the callers' convenience; the load generator's reference reads the state
     shapes from the graph itself.
     """
-    from server.loadgen import reference_outputs as in_process
+    from lstm_onnx.client.loadgen import reference_outputs as in_process
 
     return in_process(model_path, inputs)

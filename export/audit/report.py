@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from .audit import Audit, Layer
 from .findings import gate_stats
-from .gates import DISPLAY_ORDER, KINDS, LETTERS, PYTORCH_LETTERS, GateTensor, describe_layout, gate_digest
+from .gates import DISPLAY_ORDER, KINDS, LETTERS, PYTORCH_LETTERS, describe_layout, gate_digest
+from .result import Audit, GateTensor, Layer
 
 REPORT_FORMAT = "lstm-onnx-audit/1"
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}

@@ -11,10 +11,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
+from lstm_onnx.protos import grpc_service_pb2 as pb
+from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
-from .reliability_requests import ModelShape, encode, reference_outputs
+from .fuzz import ModelShape, encode, reference_outputs
 
 ATOL = 1e-5
 

@@ -1,36 +1,53 @@
 """Provenance for the audit: map each ONNX gate slice to its PyTorch parameter rows and check training moved it."""
 from __future__ import annotations
 
-import hashlib
-import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from .audit import Audit, AuditInputError
+from lstm_onnx.contract import CELL_OPS, INIT_FILE, WEIGHTS_FILE, RunDirectoryError, file_digest, read_run_config
+
 from .gates import pytorch_source
-from .safetensors_reader import SafetensorsError, read_safetensors
+from .result import Audit, AuditInputError
 
 # Relative change below which a gate counts as untouched by training (Adam moves weights by ~1e-3 per step).
 UNTRAINED_RTOL = 1e-7
-OPS = {"lstm": "LSTM", "gru": "GRU"}
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as numpy (safetensors' own bounds-checked reader, no torch).
+
+    A truncated, hostile or non-safetensors file (a pickle, say) raises AuditInputError naming the file.
+    """
+    from safetensors import SafetensorError  # lazily: the audit of an ONNX file alone needs no safetensors
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise AuditInputError(f"{path}: missing, expected safetensors weights")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, ValueError, TypeError, OSError) as exc:
+        hint = " (it looks like a pickle, which is never loaded)" if path.read_bytes()[:1] == b"\x80" else ""
+        raise AuditInputError(f"{path}: not a readable safetensors file{hint}: {exc}") from None
 
 
 def compare_checkpoint(audit: Audit, run_dir: Path) -> None:
     """Check every gate slice is bit-identical to the checkpoint and, with init.safetensors, that it trained."""
-    config = _read_config(run_dir)
     try:
-        weights = read_safetensors(run_dir / "model.safetensors")
-        init = read_safetensors(run_dir / "init.safetensors") if (run_dir / "init.safetensors").is_file() else None
-    except SafetensorsError as exc:
+        config = read_run_config(run_dir)
+    except RunDirectoryError as exc:
         raise AuditInputError(str(exc)) from None
+    weights = read_tensors(run_dir / WEIGHTS_FILE)
+    init = read_tensors(run_dir / INIT_FILE) if (run_dir / INIT_FILE).is_file() else None
     audit.checkpoint = {}
     audit.checkpoint_params = sum(int(a.size) for a in weights.values())
     # These findings replace the "cannot be determined" note: the checkpoint answers it (or says why not).
     audit.findings = [f for f in audit.findings if f.code != "UNTRAINED_UNKNOWN"]
     model = config.get("model", {})
-    op = OPS.get(str(model.get("cell")))
+    op = CELL_OPS.get(str(model.get("cell")))
     layers = model.get("num_layers")
     ops = {layer.op for layer in audit.layers}
     if op is None or ops != {op} or layers != len(audit.layers):
@@ -50,21 +67,6 @@ def compare_checkpoint(audit: Audit, run_dir: Path) -> None:
     _report_untrained(audit, weights, init)
 
 
-def _read_config(run_dir: Path) -> dict:
-    path = run_dir / "config.json"
-    if not run_dir.is_dir():
-        raise AuditInputError(f"checkpoint {run_dir}: not a directory, expected a run directory from `lstm-onnx train`")
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise AuditInputError(f"{path}: missing, expected the run's config.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AuditInputError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-        raise AuditInputError(f"{path}: expected an object with a 'model' section")
-    return data
-
-
 def _bits(array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array, dtype="<f4").tobytes()
 
@@ -78,10 +80,10 @@ def _check_file_digest(audit: Audit, run_dir: Path) -> None:
     recorded = (audit.contract or {}).get("checkpoint_digest")
     if recorded is None:
         return
-    actual = "sha256:" + hashlib.sha256((run_dir / "model.safetensors").read_bytes()).hexdigest()
+    actual = file_digest(run_dir / WEIGHTS_FILE)
     if recorded != actual:
         audit.add("DIGEST_MISMATCH", "error", f"metadata checkpoint_digest {recorded[:19]}... does not match "
-                  f"{run_dir / 'model.safetensors'} ({actual[:19]}...): the model was exported from another checkpoint")
+                  f"{run_dir / WEIGHTS_FILE} ({actual[:19]}...): the model was exported from another checkpoint")
 
 
 def _compare_gates(audit: Audit, op: str, weights: dict, init: dict | None) -> None:

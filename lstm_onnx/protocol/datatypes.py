@@ -39,13 +39,6 @@ def datatype_of_ort(type_string: str) -> str:
         raise ValueError(f"onnxruntime type {type_string!r} has no KServe v2 datatype") from None
 
 
-def datatype_of_onnx(elem_type: int) -> str:
-    """v2 datatype of an ONNX TensorProto element type (1 -> "FP32")."""
-    try:
-        return _ONNX_TYPES[elem_type]
-    except KeyError:
-        raise ValueError(f"ONNX element type {elem_type} has no KServe v2 datatype") from None
-
 
 def datatype_of_config(enum_name: str) -> str:
     """v2 datatype of a config.pbtxt DataType name ("TYPE_FP32" -> "FP32"; "TYPE_STRING" -> "BYTES")."""

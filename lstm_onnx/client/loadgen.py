@@ -15,10 +15,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from protos import grpc_service_pb2 as pb
-
-from . import codec
-from .sequences import SequenceControl
+from lstm_onnx.protocol import codec
+from lstm_onnx.protocol.codec import SequenceControl
+from lstm_onnx.protos import grpc_service_pb2 as pb
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -107,7 +106,7 @@ def open_channel(url: str, own_connection: bool = False) -> grpc.aio.Channel:
 
 async def fetch_inputs_spec(channel: grpc.aio.Channel, model: str) -> tuple[pb.ModelMetadataResponse, set[str]]:
     """The model's metadata and its optional inputs (recurrent state the server fills with zeros)."""
-    from protos import grpc_service_pb2_grpc as pb_grpc
+    from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
     metadata = await stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=30)

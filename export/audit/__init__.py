@@ -1,0 +1,28 @@
+"""The weight audit: which weights exist in an ONNX file, per layer, direction and gate, and where they came from.
+
+Reads any ONNX model with LSTM/GRU nodes (ours or another tool's). Modules, each importing only those
+before it: `result` (plain data, nothing of ours), `gates` and `external` (splitting, safe tensor
+reads), `graph` (resolving the recurrence), `findings` (checks), `provenance` (checkpoint comparison),
+`report` and `cli`. May import lstm_onnx.contract, onnx, numpy and (lazily, for a checkpoint)
+safetensors; never torch, onnxruntime or the rest of export/ and server/.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .findings import check_all
+from .graph import read_graph
+from .provenance import compare_checkpoint
+from .result import Audit, AuditInputError, Finding
+
+__all__ = ["Audit", "AuditInputError", "Finding", "audit_model"]
+
+
+def audit_model(path: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> Audit:
+    """Audit every LSTM/GRU node of an ONNX model; with `checkpoint` (a run directory) also trace provenance."""
+    audit = read_graph(path)
+    check_all(audit)
+    if checkpoint is not None:
+        compare_checkpoint(audit, Path(checkpoint))
+    return audit
