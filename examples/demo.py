@@ -91,7 +91,7 @@ def main() -> int:
 
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         print("\n=== metrics (excerpt)")
-        print("\n".join(line for line in metrics.splitlines() if line.startswith("nv_inference_request_success")))
+        print("\n".join(line for line in metrics.splitlines() if line.startswith("nv_inference_request_success") and "{" in line))
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=30)

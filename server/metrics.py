@@ -1,4 +1,4 @@
-"""Per model-version counters with Triton's metric names: the Prometheus text and ModelStatistics read them."""
+"""Per model-version counters with Triton's metric names; prometheus_client exposes them, ModelStatistics reads them."""
 from __future__ import annotations
 
 import asyncio
@@ -6,7 +6,11 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 log = logging.getLogger("lstm_onnx.server")
 
@@ -35,6 +39,8 @@ class Metrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counters: dict[tuple[str, str], ModelCounters] = {}
+        self.registry = CollectorRegistry(auto_describe=False)  # one per server: tests run several in a process
+        self.registry.register(TritonCollector(self))
 
     def counters(self, model: str, version: str) -> ModelCounters:
         with self._lock:
@@ -73,36 +79,45 @@ class Metrics:
                                         for f, v in vars(c).items()}) for k, c in self._counters.items()}
 
     def render(self) -> str:
-        """Prometheus text exposition (version 0.0.4) with Triton's names and labels."""
-        families = [
-            ("nv_inference_request_success", "counter", "Number of successful inference requests",
-             lambda c: c.success),
-            ("nv_inference_request_failure", "counter", "Number of failed inference requests",
-             lambda c: c.failure),
-            ("nv_inference_count", "counter", "Number of inferences performed (batch items)",
-             lambda c: c.inference_count),
-            ("nv_inference_exec_count", "counter", "Number of model executions performed",
-             lambda c: c.exec_count),
-            ("nv_inference_request_duration_us", "counter", "Cumulative inference request duration in microseconds",
-             lambda c: (c.request_ns + c.failure_ns) // 1000),
-            ("nv_inference_queue_duration_us", "counter", "Cumulative inference queuing duration in microseconds",
-             lambda c: c.queue_ns // 1000),
-            ("nv_inference_compute_infer_duration_us", "counter",
-             "Cumulative compute inference duration in microseconds", lambda c: c.compute_infer_ns // 1000),
-            ("nv_inference_pending_request_count", "gauge", "Instantaneous number of pending requests awaiting "
-             "execution per-model", lambda c: c.pending),
-        ]
-        snap = sorted(self.snapshot().items())
-        lines: list[str] = []
-        for name, kind, help_text, value in families:
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        """Prometheus text exposition (0.0.4) of Triton's families, written by prometheus_client."""
+        return generate_latest(self.registry).decode()
+
+
+# Triton's families (docs/user_guide/metrics.md): name, type, help, value of one model version's counters.
+FAMILIES: tuple[tuple[str, str, str, Callable[[ModelCounters], float]], ...] = (
+    ("nv_inference_request_success", "counter", "Number of successful inference requests, all batch sizes",
+     lambda c: c.success),
+    ("nv_inference_request_failure", "counter", "Number of failed inference requests, all batch sizes",
+     lambda c: c.failure),
+    ("nv_inference_count", "counter", "Number of inferences performed (does not include cached requests)",
+     lambda c: c.inference_count),
+    ("nv_inference_exec_count", "counter", "Number of model executions performed (does not include cached requests)",
+     lambda c: c.exec_count),
+    ("nv_inference_request_duration_us", "counter", "Cumulative inference request duration in microseconds "
+     "(includes cached requests)", lambda c: (c.request_ns + c.failure_ns) // 1000),
+    ("nv_inference_queue_duration_us", "counter", "Cumulative inference queuing duration in microseconds "
+     "(includes cached requests)", lambda c: c.queue_ns // 1000),
+    ("nv_inference_compute_infer_duration_us", "counter", "Cumulative compute inference duration in microseconds "
+     "(does not include cached requests)", lambda c: c.compute_infer_ns // 1000),
+    ("nv_inference_pending_request_count", "gauge", "Instantaneous number of pending requests awaiting execution "
+     "per-model.", lambda c: c.pending),
+)
+
+
+class TritonCollector:
+    """A prometheus_client collector that reads the counters at scrape time (no second copy of the figures)."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        snap = sorted(self.metrics.snapshot().items())
+        for name, kind, help_text, value in FAMILIES:
+            family_type = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            family = family_type(name, help_text, labels=("model", "version"))
             for (model, version), c in snap:
-                lines.append(f'{name}{{model="{_escape(model)}",version="{_escape(version)}"}} {value(c)}')
-        return "\n".join(lines) + "\n"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+                family.add_metric((model, version), value(c))
+            yield family
 
 
 async def start_metrics_server(metrics: Metrics, host: str, port: int) -> asyncio.base_events.Server:
@@ -114,7 +129,7 @@ async def start_metrics_server(metrics: Metrics, host: str, port: int) -> asynci
             path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
             if request.startswith(b"GET ") and path.split(b"?")[0] == b"/metrics":
                 body, status = metrics.render().encode(), b"200 OK"
-                ctype = b"text/plain; version=0.0.4; charset=utf-8"
+                ctype = CONTENT_TYPE_LATEST.encode()
             else:
                 body, status, ctype = b"not found: try /metrics\n", b"404 Not Found", b"text/plain"
             writer.write(b"HTTP/1.0 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "

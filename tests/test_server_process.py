@@ -49,7 +49,10 @@ def _pending(metrics_port: int) -> int:
     import urllib.request
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    return sum(int(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith("nv_inference_pending_request_count{"))
+    from prometheus_client.parser import text_string_to_metric_families
+
+    family = next(f for f in text_string_to_metric_families(text) if f.name == "nv_inference_pending_request_count")
+    return int(sum(s.value for s in family.samples))
 
 
 def test_sigterm_drains_in_flight_requests_then_exits(tiny_repository):

@@ -6,6 +6,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from server_models import build_repository, sample_input
 
 
@@ -85,12 +86,16 @@ def test_statistics_and_metrics_count_requests(server, triton):
     assert stats.inference_count >= 3
     url = f"http://127.0.0.1:{server.running.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=10).read().decode()
-    line = next(l for l in text.splitlines() if l.startswith('nv_inference_request_success{model="tiny_gru"'))
-    assert line == f'nv_inference_request_success{{model="tiny_gru",version="1"}} {stats.inference_stats.success.count}'
-    for name in ("nv_inference_request_failure", "nv_inference_count", "nv_inference_exec_count",
-                 "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
-                 "nv_inference_compute_infer_duration_us", "nv_inference_pending_request_count"):
-        assert f"# TYPE {name} " in text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    success = {tuple(sorted(s.labels.items())): s.value for s in families["nv_inference_request_success"].samples}
+    assert success[(("model", "tiny_gru"), ("version", "1"))] == stats.inference_stats.success.count
+    expected = {"nv_inference_request_success": "counter", "nv_inference_request_failure": "counter",
+                "nv_inference_count": "counter", "nv_inference_exec_count": "counter",
+                "nv_inference_request_duration_us": "counter", "nv_inference_queue_duration_us": "counter",
+                "nv_inference_compute_infer_duration_us": "counter", "nv_inference_pending_request_count": "gauge"}
+    assert {name: families[name].type for name in expected} == expected
+    for name in expected:
+        assert all(set(s.labels) == {"model", "version"} for s in families[name].samples), name
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(f"http://127.0.0.1:{server.running.metrics_port}/nope", timeout=10)
 

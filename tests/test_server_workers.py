@@ -19,8 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _successes(metrics_port: int) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("nv_inference_request_success{"))
+    from prometheus_client.parser import text_string_to_metric_families
+
+    family = next(f for f in text_string_to_metric_families(text) if f.name == "nv_inference_request_success")
+    return sum(s.value for s in family.samples)
 
 
 def test_two_workers_share_the_port_both_answer_and_sigterm_drains_both(tiny_repository):
