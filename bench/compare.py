@@ -38,7 +38,8 @@ def start_server_from(tree: Path, repository: Path, flags: list[str]) -> ChildSe
     sys.path when run as a script. A newer tree is installed (no deps) into its own folder, which then
     leads PYTHONPATH, so its packages win over this checkout's editable install.
     """
-    tail = ["serve", "--model-repository", str(repository), "--grpc-port", "0", "--metrics-port", "-1", *flags]
+    tail = ["serve", "--model-repository", str(repository), "--grpc-port", "0",
+            "--metrics-port", "-1", "--http-port", "-1", *flags]
     if (tree / "lstm_onnx.py").is_file():
         return ChildServer([sys.executable, str(tree / "lstm_onnx.py"), *tail], serving_pattern(flags))
     site = tree.parent / (tree.name + "-site")

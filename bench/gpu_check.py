@@ -58,7 +58,8 @@ def _check_server(repo: Path) -> dict:
     reference_session = open_session(repo / "lstm3x64" / "1" / "model.onnx", "CUDAExecutionProvider")
     reference = reference_session.run(None, {"input": x, "h0": z, "c0": z})
     for provider in ("auto", "cpu"):
-        settings = ServerSettings(model_repository=str(repo), grpc_port=0, metrics_port=-1, provider=provider)
+        settings = ServerSettings(model_repository=str(repo), grpc_port=0,
+                                  metrics_port=-1, http_port=-1, provider=provider)
         started = time.perf_counter()
         with BackgroundServer(settings) as server:
             startup = time.perf_counter() - started

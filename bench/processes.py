@@ -77,7 +77,7 @@ class ChildServer:
 def start_model_server(repository: Path, *flags: str, env: dict[str, str] | None = None) -> ChildServer:
     """`lstm-onnx serve` on a free loopback port, metrics off; returns once it logs `serving`."""
     argv = [sys.executable, "-m", "lstm_onnx", "serve", "--model-repository", str(repository), "--grpc-port", "0",
-            "--metrics-port", "-1", *flags]
+            "--metrics-port", "-1", "--http-port", "-1", *flags]
     return ChildServer(argv, serving_pattern(flags), env)
 
 

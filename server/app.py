@@ -1,4 +1,4 @@
-"""Assembles and runs the server: repository, scheduler, grpc.aio with health and reflection, metrics, drain."""
+"""Assembles and runs the server: repository, scheduler, grpc.aio with health and reflection, REST, metrics, drain."""
 from __future__ import annotations
 
 import asyncio
@@ -20,8 +20,10 @@ from lstm_onnx.protos import grpc_service_pb2 as pb
 from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
 from . import tls
+from .http_site import HttpLimits, HttpSite, ssl_context
 from .metrics import Metrics, start_metrics_server
 from .repository import Repository
+from .rest import RestApi
 from .runtime import RuntimeOptions
 from .scheduler import Scheduler
 from .sequences import SequenceStore
@@ -46,7 +48,8 @@ class RunningServer:
     grpc_port: int
     metrics_port: int | None
     executor: ThreadPoolExecutor
-    metrics_server: asyncio.base_events.Server | None = None
+    metrics_server: HttpSite | None = None
+    http_server: HttpSite | None = None  # the REST port, None when http_port is -1
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -63,10 +66,12 @@ class RunningServer:
                 self.scheduler.in_flight or time.monotonic() - self.scheduler.last_refused < QUIET_S):
             await asyncio.sleep(0.01)
         await self.grpc_server.stop(max(0.0, deadline - time.monotonic()))
+        if self.http_server is not None:
+            await self.http_server.close(max(0.0, deadline - time.monotonic()))
         for task in self._tasks:
             task.cancel()
         if self.metrics_server is not None:
-            self.metrics_server.close()
+            await self.metrics_server.close(0.0)
         self.executor.shutdown(wait=False, cancel_futures=True)
         log.info("stopped", extra={"fields": {"unfinished": self.scheduler.in_flight}})
 
@@ -85,7 +90,7 @@ def _add_to_pool(file_descriptor) -> None:
 
 
 async def start_server(settings: ServerSettings) -> RunningServer:
-    """Load the repository and start gRPC and metrics; returns once the server is SERVING."""
+    """Load the repository and start gRPC, REST and metrics; returns once the server is SERVING."""
     started = time.perf_counter()
     executor = ThreadPoolExecutor(max_workers=settings.executor_threads, thread_name_prefix="ort")
     options = RuntimeOptions(settings.provider, settings.intra_op_threads, settings.inter_op_threads,
@@ -103,8 +108,8 @@ async def start_server(settings: ServerSettings) -> RunningServer:
     # Workers share one port on purpose; a single server must not silently share its port with another.
     limits.append(("grpc.so_reuseport", 1 if settings.workers > 1 else 0))
     server = grpc.aio.server(options=limits)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(repository, scheduler, settings.max_concurrent_streams),
-                                                      server)
+    servicer = InferenceServicer(repository, scheduler, settings.max_concurrent_streams)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for file_descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
@@ -123,19 +128,27 @@ async def start_server(settings: ServerSettings) -> RunningServer:
         raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")
     await server.start()
 
+    limits = HttpLimits(settings.max_message_bytes, settings.http_max_header_bytes, max_connections=
+                        settings.http_max_connections, client_timeout_s=settings.http_client_timeout_s)
+    http_server = None
+    if settings.http_port >= 0:
+        context = ssl_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca) if settings.tls_cert else None
+        http_server = await HttpSite(RestApi(servicer, limits).application(), limits).start(
+            settings.host, settings.http_port, context, reuse_port=settings.workers > 1)
     metrics_server, metrics_port = None, None
     if settings.metrics_port >= 0:
-        metrics_server = await start_metrics_server(metrics, settings.host, settings.metrics_port)
-        metrics_port = metrics_server.sockets[0].getsockname()[1]
+        metrics_server = await start_metrics_server(metrics, settings.host, settings.metrics_port, limits)
+        metrics_port = metrics_server.port
 
     status = health_pb2.HealthCheckResponse.SERVING if repository.ready else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, status)
     running = RunningServer(settings, repository, scheduler, server, health_servicer, port, metrics_port, executor,
-                            metrics_server)
+                            metrics_server, http_server)
     running._tasks.append(asyncio.get_running_loop().create_task(_evict_forever(sequences)))
     models = {f"{n}/{v}": ver.state for n, e in repository.models.items() for v, ver in e.versions.items()}
     log.info("serving", extra={"fields": {"grpc": f"{settings.host}:{port}", "tls": bool(settings.tls_cert), "metrics_port": metrics_port,
+                                          "http_port": http_server.port if http_server else None,
                                           "ready": repository.ready, "models": models,
                                           "startup_s": round(time.perf_counter() - started, 3)}})
     return running
@@ -202,6 +215,11 @@ class BackgroundServer:
     @property
     def url(self) -> str:
         return f"{self.settings.host}:{self.running.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """host:port of the REST port (http_port must not be -1)."""
+        return f"{self.settings.host}:{self.running.http_server.port}"
 
     def call(self, coroutine, timeout: float = 60):
         """Run a coroutine on the server's loop and wait for its result."""

@@ -1,7 +1,6 @@
 """Per model-version counters with Triton's metric names; prometheus_client exposes them, ModelStatistics reads them."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -9,8 +8,11 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from .http_site import HttpLimits, HttpSite
 
 log = logging.getLogger("lstm_onnx.server")
 
@@ -120,24 +122,21 @@ class TritonCollector:
             yield family
 
 
-async def start_metrics_server(metrics: Metrics, host: str, port: int) -> asyncio.base_events.Server:
-    """A minimal HTTP/1.0 server: GET /metrics answers the text exposition, anything else 404."""
+def metrics_application(metrics: Metrics) -> web.Application:
+    """GET /metrics answers prometheus_client's text exposition; any other path is a 404."""
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
-            path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
-            if request.startswith(b"GET ") and path.split(b"?")[0] == b"/metrics":
-                body, status = metrics.render().encode(), b"200 OK"
-                ctype = CONTENT_TYPE_LATEST.encode()
-            else:
-                body, status, ctype = b"not found: try /metrics\n", b"404 Not Found", b"text/plain"
-            writer.write(b"HTTP/1.0 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
-                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
-            await writer.drain()
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-            pass  # a client that hangs up or never finishes its request gets nothing
-        finally:
-            writer.close()
+    async def scrape(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    return await asyncio.start_server(handle, host, port)
+    async def not_found(request: web.Request) -> web.Response:
+        return web.Response(status=404, text="not found: try /metrics\n")
+
+    app = web.Application()
+    app.router.add_get("/metrics", scrape)
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    return app
+
+
+async def start_metrics_server(metrics: Metrics, host: str, port: int, limits: HttpLimits) -> HttpSite:
+    """The metrics port on aiohttp, on the running event loop (no thread); plaintext, as Triton's."""
+    return await HttpSite(metrics_application(metrics), limits).start(host, port)

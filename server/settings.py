@@ -26,6 +26,8 @@ class ServerSettings:
                                      "<repo>/<model>/<version>/model.onnx")
     host: str = _setting("127.0.0.1", "address to bind; loopback by default so nothing is exposed by accident")
     grpc_port: int = _setting(8001, "gRPC port (Triton's default); 0 picks a free port")
+    http_port: int = _setting(8000, "KServe v2 REST port (Triton's default), beside gRPC on the same event loop and "
+                              "scheduler; 0 picks a free port, -1 disables")
     metrics_port: int = _setting(8002, "Prometheus metrics port (Triton's default); 0 picks a free port, -1 disables")
     provider: str = _setting("auto", "onnxruntime execution provider: auto uses CUDA only when it really works",
                              choices=PROVIDERS)
@@ -35,7 +37,8 @@ class ServerSettings:
                                       "dedicated cores); off leaves the CPU to the gRPC event loop",
                                       choices=("off", "on"))
     executor_threads: int = _setting(4, "threads that run onnxruntime off the event loop (all models together)")
-    max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message in either direction; "
+    max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message in either direction, and "
+                                      "largest REST request body; "
                                       "gRPC's 4 MiB default is too small for a batch of long sequences")
     max_batch_size: int = _setting(8, "dynamic batching: most rows merged into one run, when config.pbtxt "
                                    "does not say (its max_batch_size wins)")
@@ -48,7 +51,13 @@ class ServerSettings:
                                         "gets DEADLINE_EXCEEDED; 0 means no limit")
     max_concurrent_streams: int = _setting(256, "most ModelStreamInfer streams open at once over all clients; one "
                                            "more is refused with RESOURCE_EXHAUSTED")
-    tls_cert: str = _setting("", "PEM certificate chain for the gRPC port; with --tls-key, serves TLS instead of "
+    http_max_connections: int = _setting(1024, "most HTTP connections open at once on the REST port; one more is "
+                                         "answered 503 and closed")
+    http_max_header_bytes: int = _setting(8190, "longest HTTP request line or header field; a longer one is refused "
+                                          "with 400 (431 for a header)")
+    http_client_timeout_s: float = _setting(30.0, "an HTTP client must send a request's headers, and then its body, "
+                                            "within this many seconds; an idle keep-alive connection closes after it")
+    tls_cert: str = _setting("", "PEM certificate chain for the gRPC and REST ports; with --tls-key, serves TLS instead of "
                              "plaintext")
     tls_key: str = _setting("", "PEM private key of --tls-cert")
     tls_client_ca: str = _setting("", "PEM CA bundle; when set, every client must present a certificate it signed "
@@ -75,7 +84,7 @@ class ServerSettings:
             raise ValueError(f"event_loop: got {self.event_loop!r}, expected one of {', '.join(EVENT_LOOPS)}")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"log_format: got {self.log_format!r}, expected one of {', '.join(LOG_FORMATS)}")
-        for name in ("grpc_port", "metrics_port"):
+        for name in ("grpc_port", "http_port", "metrics_port"):
             value = getattr(self, name)
             if not -1 <= value <= 65535 or (name == "grpc_port" and value < 0):
                 raise ValueError(f"{name}: got {value}, expected a port number 0..65535")
@@ -85,12 +94,14 @@ class ServerSettings:
         if self.request_timeout_s < 0:
             raise ValueError(f"request_timeout_s: got {self.request_timeout_s}, expected 0 (no limit) or more")
         for name in ("executor_threads", "max_message_bytes", "max_batch_size", "max_sequences",
-                     "max_concurrent_streams", "workers"):
+                     "max_concurrent_streams", "workers", "http_max_connections", "http_max_header_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: got {getattr(self, name)}, expected at least 1")
         for name in ("intra_op_threads", "inter_op_threads", "max_queue_delay_us"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: got {getattr(self, name)}, expected 0 or more")
+        if self.http_client_timeout_s <= 0:
+            raise ValueError(f"http_client_timeout_s: got {self.http_client_timeout_s}, expected more than 0")
         if self.sequence_idle_timeout_s <= 0 or self.grace_period_s < 0:
             raise ValueError("sequence_idle_timeout_s must be > 0 and grace_period_s >= 0, got "
                              f"{self.sequence_idle_timeout_s} and {self.grace_period_s}")

@@ -18,7 +18,7 @@ def tiny_server(tiny_repository):
     from lstm_onnx.server.app import BackgroundServer
     from lstm_onnx.server.settings import ServerSettings
 
-    settings = ServerSettings(model_repository=str(tiny_repository), grpc_port=0, metrics_port=-1)
+    settings = ServerSettings(model_repository=str(tiny_repository), grpc_port=0, metrics_port=-1, http_port=-1)
     with BackgroundServer(settings) as server:
         yield server
 

@@ -58,7 +58,7 @@ def server(repository):
     from lstm_onnx.server.app import BackgroundServer
     from lstm_onnx.server.settings import ServerSettings
 
-    settings = ServerSettings(model_repository=str(repository), grpc_port=0, metrics_port=-1,
+    settings = ServerSettings(model_repository=str(repository), grpc_port=0, metrics_port=-1, http_port=-1,
                               max_message_bytes=MESSAGE_BYTES, executor_threads=2, sequence_idle_timeout_s=0.5)
     with BackgroundServer(settings) as srv:
         yield srv

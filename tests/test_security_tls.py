@@ -62,7 +62,7 @@ def _serve(repository, **overrides):
     from lstm_onnx.server.app import BackgroundServer
     from lstm_onnx.server.settings import ServerSettings
 
-    return BackgroundServer(ServerSettings(model_repository=str(repository), grpc_port=0, metrics_port=-1,
+    return BackgroundServer(ServerSettings(model_repository=str(repository), grpc_port=0, metrics_port=-1, http_port=-1,
                                            **overrides))
 
 

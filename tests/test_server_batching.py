@@ -15,7 +15,7 @@ def test_concurrent_requests_are_merged_and_answers_match_single_runs(tiny_repos
     from lstm_onnx.server.app import BackgroundServer
     from lstm_onnx.server.settings import ServerSettings
 
-    settings = ServerSettings(model_repository=str(tiny_repository), grpc_port=0, metrics_port=-1,
+    settings = ServerSettings(model_repository=str(tiny_repository), grpc_port=0, metrics_port=-1, http_port=-1,
                               executor_threads=1)
     inputs = [sample_input(1, 9, seed=s) for s in range(24)]
     with BackgroundServer(settings) as srv:
@@ -128,7 +128,7 @@ def test_mixed_length_requests_merge_and_each_equals_its_run_alone(tiny_reposito
     from lstm_onnx.server.app import BackgroundServer
     from lstm_onnx.server.settings import ServerSettings
 
-    settings = ServerSettings(model_repository=str(tiny_repository), grpc_port=0, metrics_port=-1,
+    settings = ServerSettings(model_repository=str(tiny_repository), grpc_port=0, metrics_port=-1, http_port=-1,
                               executor_threads=1)
     times = [3, 11, 7, 1, 12, 5, 9, 2] * 3
     requests = [(model, {"input": sample_input(1 + i % 2, t, seed=i)})
@@ -182,7 +182,7 @@ def test_sequences_in_a_ragged_batch_carry_exact_state(tiny_repository):
     from lstm_onnx.server.app import BackgroundServer
     from lstm_onnx.server.settings import ServerSettings
 
-    settings = ServerSettings(model_repository=str(tiny_repository), grpc_port=0, metrics_port=-1,
+    settings = ServerSettings(model_repository=str(tiny_repository), grpc_port=0, metrics_port=-1, http_port=-1,
                               executor_threads=1)
     # Each sequence streams in its own chunk length, so concurrent chunks merge with others of other lengths.
     sequences = {sid: (sample_input(1, 24, seed=sid), chunk) for sid, chunk in [(1, 3), (2, 5), (3, 8), (4, 2)]}

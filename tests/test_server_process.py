@@ -28,7 +28,7 @@ def test_server_package_never_imports_torch():
 def _serve(repo: Path, *extra: str) -> tuple[subprocess.Popen, str, list[str], int | None]:
     env = dict(os.environ, LSTM_ONNX_GRACE_PERIOD_S="20", LSTM_ONNX_LOG_FORMAT="json")
     proc = subprocess.Popen([sys.executable, "-m", "lstm_onnx", "serve", "--model-repository", str(repo),
-                             "--grpc-port", "0", "--metrics-port", "0", *extra],
+                             "--grpc-port", "0", "--metrics-port", "0", "--http-port", "-1", *extra],
                             cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     url, metrics_port = None, None
@@ -96,7 +96,8 @@ def test_draining_server_refuses_new_requests_with_unavailable(tiny_repository):
     from lstm_onnx.server.app import BackgroundServer
     from lstm_onnx.server.settings import ServerSettings
 
-    with BackgroundServer(ServerSettings(model_repository=str(tiny_repository), grpc_port=0, metrics_port=-1)) as srv:
+    with BackgroundServer(ServerSettings(model_repository=str(tiny_repository), grpc_port=0,
+                                         metrics_port=-1, http_port=-1)) as srv:
         srv.running.scheduler.draining = True
         with InferenceClient(srv.url) as client:
             with pytest.raises(ClientError) as info:
@@ -137,8 +138,8 @@ def test_infer_and_stream_commands_print_outputs(tiny_repository, tmp_path):
 
 def test_serve_reports_a_missing_repository_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "lstm_onnx", "serve", "--model-repository", str(tmp_path / "none"),
-                             "--grpc-port", "0", "--metrics-port", "-1"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
+                             "--grpc-port", "0", "--metrics-port", "-1", "--http-port", "-1"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "not a directory" in result.stderr.splitlines()[-1]
 
 

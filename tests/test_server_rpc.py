@@ -16,7 +16,7 @@ def server(tiny_repository, tmp_path_factory):
     from lstm_onnx.server.settings import ServerSettings
 
     repo = build_repository(tiny_repository, tmp_path_factory.mktemp("rpc") / "repo")
-    settings = ServerSettings(model_repository=str(repo), grpc_port=0, metrics_port=0)
+    settings = ServerSettings(model_repository=str(repo), grpc_port=0, metrics_port=0, http_port=-1)
     with BackgroundServer(settings) as srv:
         yield srv
 
@@ -111,7 +111,8 @@ def test_health_serving_when_all_models_load_and_reflection_lists_services(serve
     with grpc.insecure_channel(server.url) as channel:
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
         assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
-    with BackgroundServer(ServerSettings(model_repository=str(tiny_repository), grpc_port=0, metrics_port=-1)) as ok:
+    with BackgroundServer(ServerSettings(model_repository=str(tiny_repository), grpc_port=0,
+                                         metrics_port=-1, http_port=-1)) as ok:
         with grpc.insecure_channel(ok.url) as channel:
             status = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"))

@@ -14,7 +14,8 @@ def _start(repo, **overrides):
     from lstm_onnx.server.app import BackgroundServer
     from lstm_onnx.server.settings import ServerSettings
 
-    return BackgroundServer(ServerSettings(model_repository=str(repo), grpc_port=0, metrics_port=-1, **overrides))
+    return BackgroundServer(ServerSettings(model_repository=str(repo), grpc_port=0,
+                                           metrics_port=-1, http_port=-1, **overrides))
 
 
 @pytest.fixture(scope="module")

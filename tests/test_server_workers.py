@@ -33,7 +33,8 @@ def test_two_workers_share_the_port_both_answer_and_sigterm_drains_both(tiny_rep
 
     env = dict(os.environ, LSTM_ONNX_LOG_FORMAT="json", LSTM_ONNX_GRACE_PERIOD_S="5")
     proc = subprocess.Popen([sys.executable, "-m", "lstm_onnx", "serve", "--model-repository", str(tiny_repository),
-                             "--grpc-port", "0", "--metrics-port", "0", "--workers", "2", "--executor-threads", "1"],
+                             "--grpc-port", "0", "--metrics-port", "0", "--http-port", "-1", "--workers", "2",
+                             "--executor-threads", "1"],
                             cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     ready = None

@@ -108,7 +108,7 @@ def run(requests: int, clients: int, faults: int, bad: int, repository: Path | N
         model_path = repo / MODEL / "1" / "model.onnx"
         unary, sequences = build_cases(model_path, shape, 64, seed=0)
         rows = []
-        settings = ServerSettings(model_repository=str(repo), grpc_port=0, metrics_port=-1,
+        settings = ServerSettings(model_repository=str(repo), grpc_port=0, metrics_port=-1, http_port=-1,
                                   max_message_bytes=MESSAGE_BYTES, sequence_idle_timeout_s=1.0)
         with BackgroundServer(settings) as srv:
             soak = SoakClients(srv.url, shape, unary, sequences, stream_share=0.3)

@@ -166,7 +166,7 @@ class ServerProcess:
 
     def __init__(self, repository: Path, *flags: str, timeout_s: float = 120):
         command = [sys.executable, "-m", "lstm_onnx", "serve", "--model-repository", str(repository),
-                   "--grpc-port", "0", "--metrics-port", "-1", "--log-format", "json", *flags]
+                   "--grpc-port", "0", "--metrics-port", "-1", "--http-port", "-1", "--log-format", "json", *flags]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
