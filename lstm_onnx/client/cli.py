@@ -26,8 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_bench(sub)
 
 
+DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
+
+
 def _add_client_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="127.0.0.1:8001", help="server address HOST:PORT (default 127.0.0.1:8001)")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc",
+                        help="KServe v2 over gRPC (default) or over HTTP/REST with binary tensors")
+    parser.add_argument("--url", default=None, help="server address HOST:PORT (default 127.0.0.1:8001 for gRPC, "
+                        "127.0.0.1:8000 for HTTP)")
     parser.add_argument("--model", required=True, help="model name in the repository")
     parser.add_argument("--version", default="", help="model version (default: the latest ready one)")
 
@@ -59,13 +65,25 @@ def _load_npy(path: str):
         raise UsageError(f"--input {path}: {exc}") from None
 
 
+def _open_client(args: argparse.Namespace):
+    """The blocking client of the chosen protocol (both have the same methods)."""
+    url = args.url or DEFAULT_URLS[args.protocol]
+    if args.protocol == "http":
+        from .http_client import HttpInferenceClient
+
+        return HttpInferenceClient(url)
+    from .client import InferenceClient
+
+    return InferenceClient(url)
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     """Send one inference request (omitted h0/c0 are zeros on the server) and print the outputs."""
     from lstm_onnx.errors import CheckFailed, UsageError
 
-    from .client import ClientError, InferenceClient, random_inputs
+    from .client import ClientError, random_inputs
 
-    with InferenceClient(args.url) as client:
+    with _open_client(args) as client:
         try:
             if args.random:
                 try:
@@ -85,10 +103,11 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
-    """Stream one sequence in chunks over ModelStreamInfer (the server carries hn/cn) and print each chunk's outputs."""
+    """Stream one sequence in chunks over ModelStreamInfer, or successive REST requests with --protocol http (the
+    server carries hn/cn), and print each chunk's outputs."""
     from lstm_onnx.errors import CheckFailed, UsageError
 
-    from .client import ClientError, InferenceClient, split_time
+    from .client import ClientError, split_time
 
     if args.chunk < 1:
         raise UsageError(f"--chunk: got {args.chunk}, expected at least 1")
@@ -98,7 +117,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     sequence_id: int | str = int(args.sequence_id) if args.sequence_id.isdigit() else args.sequence_id
     chunks = [{"input": piece} for piece in split_time(array, args.chunk)]
     done = 0
-    with InferenceClient(args.url) as client:
+    with _open_client(args) as client:
         try:
             for outputs in client.stream_sequence(args.model, chunks, sequence_id, args.version):
                 _print_outputs(outputs, args.json, {"chunk": done, "steps": chunks[done]["input"].shape[1]})
@@ -110,8 +129,14 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help=cmd_bench.__doc__.splitlines()[0], description=cmd_bench.__doc__)
-    bench.add_argument("--url", default="127.0.0.1:8001", help="server address HOST:PORT (default 127.0.0.1:8001, "
+    bench.add_argument("--protocol", default="grpc", help="grpc, http, or both as grpc,http (each level is run "
+                       "over each, and every row says which)")
+    bench.add_argument("--url", default=DEFAULT_URLS["grpc"], help="gRPC address HOST:PORT (default 127.0.0.1:8001, "
                        "loopback)")
+    bench.add_argument("--http-url", default=DEFAULT_URLS["http"], help="REST address HOST:PORT (default "
+                       "127.0.0.1:8000)")
+    bench.add_argument("--http-tensors", choices=("binary", "json"), default="binary", help="REST tensors as "
+                       "Triton's binary extension (default) or JSON data")
     bench.add_argument("--model", required=True, help="model name in the server's repository")
     bench.add_argument("--batch", type=int, default=1, help="rows per request (default 1)")
     bench.add_argument("--time", default="50", help="time steps per request, or LO:HI for a mixed-length load "
@@ -153,13 +178,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"--seconds: got {args.seconds}, expected more than 0")
     if args.stream and len(times) > 1:
         raise UsageError(f"--time: got {args.time!r} with --stream, expected one sequence length")
+    protocols = [p.strip() for p in args.protocol.split(",") if p.strip()]
+    if not protocols or set(protocols) - {"grpc", "http"}:
+        raise UsageError(f"--protocol: got {args.protocol!r}, expected grpc, http, or grpc,http")
+    if args.stream and "http" in protocols:
+        raise UsageError("--stream: REST has no stream, expected --protocol grpc")
     model_path = None
     if args.model_repository:
         model_path = _latest_model(Path(args.model_repository), args.model)
 
-    results = asyncio.run(_bench(args, levels, times, model_path))
+    results = []
+    for protocol in protocols:
+        bench = _bench if protocol == "grpc" else _bench_http
+        results += asyncio.run(bench(args, levels, times, model_path))
     if not args.json:
-        print(f"{'conc':>5} {'req':>7} {'err':>4} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} checked")
+        print(f"{'protocol':<11} {'conc':>5} {'req':>7} {'err':>4} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} checked")
     bad = 0
     for r in results:
         bad += r.errors + r.mismatches
@@ -167,12 +200,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(json.dumps(r.as_dict()))
         else:
             check = f"{r.checked - r.mismatches}/{r.checked} ok" if model_path else "skipped"
-            print(f"{r.concurrency:>5} {r.requests:>7} {r.errors:>4} {r.rps:>9.1f} {r.p50_ms:>8.3f} {r.p90_ms:>8.3f} "
+            print(f"{r.protocol:<11} {r.concurrency:>5} {r.requests:>7} {r.errors:>4} {r.rps:>9.1f} {r.p50_ms:>8.3f} {r.p90_ms:>8.3f} "
                   f"{r.p99_ms:>8.3f} {check}")
     failed = [r for r in results if r.errors or r.mismatches]
     if failed:
         r = failed[0]
-        raise CheckFailed(f"concurrency {r.concurrency}: {r.errors} errors ({r.first_error or 'none'}), "
+        raise CheckFailed(f"{r.protocol} concurrency {r.concurrency}: {r.errors} errors ({r.first_error or 'none'}), "
                           f"{r.mismatches} of {r.checked} checked answers differ from onnxruntime "
                           f"(worst |diff| {r.worst_abs:.3g})")
     return 0
@@ -209,6 +242,29 @@ async def _bench(args, levels: list[int], times: list[int], model_path):
         for level in levels:
             result, samples = await loadgen.run_level(channel, payloads, level, args.requests, args.seconds,
                                                       stream=args.stream, check_every=args.check_every)
+            if model_path is not None:
+                loadgen.check_answers(result, samples, [p.inputs for p in payloads], model_path)
+            results.append(result)
+        return results
+
+
+async def _bench_http(args, levels: list[int], times: list[int], model_path):
+    from lstm_onnx.errors import CheckFailed
+
+    from . import http_loadgen, loadgen
+
+    binary = args.http_tensors == "binary"
+    async with http_loadgen.open_session(max(levels)) as session:
+        try:
+            metadata, optional = await http_loadgen.fetch_inputs_spec(session, args.http_url, args.model)
+        except Exception as exc:  # server down, unknown model
+            raise CheckFailed(f"{args.http_url}: cannot read model '{args.model}': {exc}") from None
+        payloads = http_loadgen.make_payloads(metadata, optional, args.batch, times, binary)
+        results = []
+        for level in levels:
+            result, samples = await http_loadgen.run_level(session, args.http_url, args.model, payloads, level,
+                                                           args.requests, args.seconds, check_every=args.check_every)
+            result.protocol = f"http-{args.http_tensors}"
             if model_path is not None:
                 loadgen.check_answers(result, samples, [p.inputs for p in payloads], model_path)
             results.append(result)

@@ -57,6 +57,7 @@ class LevelResult:
     mismatches: int = 0
     first_error: str = ""
     worst_abs: float = 0.0
+    protocol: str = "grpc"  # grpc, or http (with binary or json tensors: "http-binary", "http-json")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -241,14 +242,15 @@ def _session(path: str):
     return _SESSIONS[path]
 
 
-def check_answers(result: LevelResult, samples: list[tuple[int, bytes]], inputs: list[dict[str, np.ndarray]],
+def check_answers(result: LevelResult, samples: list[tuple[int, bytes | dict]], inputs: list[dict[str, np.ndarray]],
                   model_path: Path, atol: float = CHECK_ATOL) -> None:
     """Compare sampled answers with in-process onnxruntime on the same inputs; fills checked/mismatches/worst."""
     expected: dict[int, dict[str, np.ndarray]] = {}
     for index, raw in samples:
         if index not in expected:
             expected[index] = reference_outputs(model_path, inputs[index])
-        got = codec.decode_response(pb.ModelInferResponse.FromString(raw))
+        # gRPC samples are raw response bytes; REST ones (http_loadgen) come decoded already
+        got = raw if isinstance(raw, dict) else codec.decode_response(pb.ModelInferResponse.FromString(raw))
         result.checked += 1
         worst = 0.0
         for name, want in expected[index].items():

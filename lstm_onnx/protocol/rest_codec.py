@@ -277,7 +277,8 @@ def encode_infer_response(model: str, version: int, request_id: str, outputs: di
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = array.reshape(-1).astype(np.float32) if datatype == "FP16" else array.reshape(-1)
+            flat = np.ascontiguousarray(array).reshape(-1)  # orjson writes C-contiguous arrays only
+            entry["data"] = flat.astype(np.float32) if datatype == "FP16" else flat
         tensors.append(entry)
     response: dict = {"model_name": model, "model_version": str(version), "outputs": tensors}
     if request_id:
@@ -300,7 +301,8 @@ def encode_infer_request(inputs: dict[str, np.ndarray], outputs: list[str] | Non
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = array.reshape(-1)
+            flat = np.ascontiguousarray(array).reshape(-1)
+            entry["data"] = flat.astype(np.float32) if datatype == "FP16" else flat
         tensors.append(entry)
     parameters: dict = {"binary_data_output": binary}
     if sequence is not None:
