@@ -19,6 +19,6 @@ RUN pip install --no-cache-dir ".[serve,${EXTRA}]" && python -c "import lstm_onn
 ENV LSTM_ONNX_HOST=0.0.0.0 \
     LSTM_ONNX_MODEL_REPOSITORY=/models \
     LSTM_ONNX_LOG_FORMAT=json
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 ENTRYPOINT ["lstm-onnx"]
 CMD ["serve"]

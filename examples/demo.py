@@ -69,9 +69,10 @@ def main() -> int:
     step("audit every gate against the checkpoint", "audit", str(model), "--checkpoint", str(run),
          "--gates-npz", str(OUT / "gates.npz"), "--plot", str(OUT / "gates.png"))
 
-    grpc_port, metrics_port = free_port(), free_port()
-    url = f"127.0.0.1:{grpc_port}"
-    serve = ["serve", "--model-repository", str(repo), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)]
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    url, http_url = f"127.0.0.1:{grpc_port}", f"127.0.0.1:{http_port}"
+    serve = ["serve", "--model-repository", str(repo), "--grpc-port", str(grpc_port), "--http-port", str(http_port),
+             "--metrics-port", str(metrics_port)]
     print(f"\n=== serve\n$ lstm-onnx {shlex.join(serve)} &", flush=True)
     server = subprocess.Popen(CLI + serve, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
@@ -87,6 +88,8 @@ def main() -> int:
         step("answer a real request", "infer", "--url", url, "--model", "lstm", "--input", str(OUT / "sequence.npy"))
         step("stream the same sequence in chunks of 16 steps (server carries h/c)", "stream", "--url", url,
              "--model", "lstm", "--input", str(OUT / "sequence.npy"), "--chunk", "16")
+        step("the same request over REST (KServe v2 HTTP, binary tensors)", "infer", "--protocol", "http", "--url",
+             http_url, "--model", "lstm", "--input", str(OUT / "sequence.npy"))
         import urllib.request
 
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()

@@ -69,8 +69,9 @@ def test_env_vars_are_real_settings_and_ports_match_defaults(compose):
         assert set(env) <= names, set(env) - names
         assert int(env["LSTM_ONNX_GRPC_PORT"]) == defaults.grpc_port == 8001
         assert int(env["LSTM_ONNX_METRICS_PORT"]) == defaults.metrics_port == 8002
+        assert int(env["LSTM_ONNX_HTTP_PORT"]) == defaults.http_port == 8000
         container_ports = {int(p.rsplit(":", 1)[1]) for p in service["ports"]}
-        assert container_ports == {defaults.grpc_port, defaults.metrics_port}
+        assert container_ports == {defaults.http_port, defaults.grpc_port, defaults.metrics_port}
         assert all(p.startswith("127.0.0.1:") for p in service["ports"])  # published on loopback only
         assert "127.0.0.1:8001" in " ".join(service["healthcheck"]["test"])
         repo = env["LSTM_ONNX_MODEL_REPOSITORY"]
