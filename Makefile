@@ -6,7 +6,11 @@ PY := $(VENV)/bin/python
 ORT_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(ORT_EXTRA)
 
-.PHONY: setup demo test protos reliability bench clean
+# KServe's Python client for its REST test lives in a venv of its own, outside the repository: kserve pins
+# protobuf<7 and brings kubernetes, fastapi and pandas, none of which our extras should carry.
+KSERVE_VENV ?= $(or $(LSTM_ONNX_KSERVE_VENV),/tmp/kserve-venv)
+
+.PHONY: setup demo test protos reliability bench clean kserve-venv
 
 setup: $(STAMP)
 
@@ -31,6 +35,10 @@ reliability: setup
 
 bench: setup
 	$(PY) -m bench.suite
+
+kserve-venv:
+	test -x $(KSERVE_VENV)/bin/python || $(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/python -m pip install -q "kserve==0.21.0"
 
 clean:
 	rm -rf $(VENV) demo runs

@@ -284,5 +284,11 @@ def write_report(f: dict, md_path: Path, png_path: Path, notes: str = "") -> Non
     for r in f["session_options"]:
         lines.append(f"| {r['options']} | {r['ms']:.3f} |")
     lines.append("")
-    md_path.write_text("\n".join(lines))
+    text = "\n".join(lines)
+    # The REST section is written by `python -m bench.rest`; a rerun of the suite keeps it.
+    old = md_path.read_text() if md_path.exists() else ""
+    if "<!-- rest:begin -->" in old and "<!-- rest:end -->" in old:
+        text = text.rstrip("\n") + "\n\n<!-- rest:begin -->" + old.split("<!-- rest:begin -->", 1)[1].split(
+            "<!-- rest:end -->", 1)[0] + "<!-- rest:end -->\n"
+    md_path.write_text(text)
     write_plot(f, png_path)
