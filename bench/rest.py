@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     figures["load_average"] = os.getloadavg()
     figures["wall_s"] = round(time.perf_counter() - started, 1)
     docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
     (docs / "benchmarks_rest.json").write_text(json.dumps(figures, indent=1, default=float))
     write_section(docs / "benchmarks.md", render(figures))
     print(render(figures))

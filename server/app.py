@@ -130,15 +130,25 @@ async def start_server(settings: ServerSettings) -> RunningServer:
 
     limits = HttpLimits(settings.max_message_bytes, settings.http_max_header_bytes, max_connections=
                         settings.http_max_connections, client_timeout_s=settings.http_client_timeout_s)
-    http_server = None
-    if settings.http_port >= 0:
-        context = ssl_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca) if settings.tls_cert else None
-        http_server = await HttpSite(RestApi(servicer, limits).application(), limits).start(
-            settings.host, settings.http_port, context, reuse_port=settings.workers > 1)
-    metrics_server, metrics_port = None, None
-    if settings.metrics_port >= 0:
-        metrics_server = await start_metrics_server(metrics, settings.host, settings.metrics_port, limits)
-        metrics_port = metrics_server.port
+    http_server = metrics_server = metrics_port = None
+    try:
+        if settings.http_port >= 0:
+            context = ssl_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca) if settings.tls_cert \
+                else None
+            try:
+                http_server = await HttpSite(RestApi(servicer, limits).application(), limits).start(
+                    settings.host, settings.http_port, context, reuse_port=settings.workers > 1)
+            except OSError as exc:
+                raise OSError(f"cannot bind REST to {settings.host}:{settings.http_port}: {exc.strerror}") from None
+        if settings.metrics_port >= 0:
+            metrics_server = await start_metrics_server(metrics, settings.host, settings.metrics_port, limits)
+            metrics_port = metrics_server.port
+    except BaseException:  # gRPC already listens: a half-started server must not linger
+        await server.stop(0)
+        if http_server is not None:
+            await http_server.close(0.0)
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
 
     status = health_pb2.HealthCheckResponse.SERVING if repository.ready else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", SERVICE_NAME):
