@@ -84,49 +84,65 @@ def _add_to_pool(file_descriptor) -> None:
     protos.POOL.Add(proto)
 
 
+class StartupError(RuntimeError):
+    """The server cannot start as asked (port taken, no usable CUDA, a model that failed with --exit-on-error)."""
+
+
 async def start_server(settings: ServerSettings) -> RunningServer:
-    """Load the repository and start gRPC and metrics; returns once the server is SERVING."""
+    """Load the repository and start gRPC and metrics; returns once the server is SERVING.
+
+    Raises StartupError with one line naming what failed; nothing is left running then.
+    """
     started = time.perf_counter()
+    if settings.provider == "cuda":
+        _check_cuda()
     executor = ThreadPoolExecutor(max_workers=settings.executor_threads, thread_name_prefix="ort")
-    options = RuntimeOptions(settings.provider, settings.intra_op_threads, settings.inter_op_threads,
-                             spinning=settings.intra_op_spinning == "on")
-    repository = Repository(Path(settings.model_repository), options, settings.max_batch_size,
-                            settings.max_queue_delay_us)
-    # Loading builds sessions and self-tests them: off the loop so a slow model does not block signals.
-    await asyncio.get_running_loop().run_in_executor(executor, repository.load_all)
-    metrics = Metrics()
-    sequences = SequenceStore(settings.max_sequences, settings.sequence_idle_timeout_s)
-    scheduler = Scheduler(repository, executor, metrics, sequences, settings.request_timeout_s)
+    server = None
+    try:
+        options = RuntimeOptions(settings.provider, settings.intra_op_threads, settings.inter_op_threads,
+                                 spinning=settings.intra_op_spinning == "on")
+        repository = Repository(Path(settings.model_repository), options, settings.max_batch_size,
+                                settings.max_queue_delay_us)
+        repository.strict_readiness = settings.strict_readiness == "true"
+        # Loading builds sessions and self-tests them: off the loop so a slow model does not block signals.
+        await asyncio.get_running_loop().run_in_executor(executor, repository.load_all)
+        problems = repository.problems()
+        if problems and settings.exit_on_error == "true":
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise StartupError(f"{problems[0]}{more}; --exit-on-error false serves the models that loaded")
+        metrics = Metrics()
+        sequences = SequenceStore(settings.max_sequences, settings.sequence_idle_timeout_s)
+        scheduler = Scheduler(repository, executor, metrics, sequences, settings.request_timeout_s)
 
-    limits = [("grpc.max_send_message_length", settings.max_message_bytes),
-              ("grpc.max_receive_message_length", settings.max_message_bytes)]
-    # Workers share one port on purpose; a single server must not silently share its port with another.
-    limits.append(("grpc.so_reuseport", 1 if settings.workers > 1 else 0))
-    server = grpc.aio.server(options=limits)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(repository, scheduler, settings.max_concurrent_streams),
-                                                      server)
-    health_servicer = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for file_descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
-        _add_to_pool(file_descriptor)
-    reflection.enable_server_reflection(
-        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server, pool=protos.POOL)
-    address = f"{settings.host}:{settings.grpc_port}"
-    if settings.tls_cert:
-        port = server.add_secure_port(address, tls.server_credentials(settings.tls_cert, settings.tls_key,
-                                                                      settings.tls_client_ca))
-    else:
-        port = server.add_insecure_port(address)
-        if not _is_loopback(settings.host):
-            log.warning("plaintext gRPC on a non-loopback address", extra={"fields": {"host": settings.host}})
-    if port == 0:
-        raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")
-    await server.start()
+        limits = [("grpc.max_send_message_length", settings.max_message_bytes),
+                  ("grpc.max_receive_message_length", settings.max_message_bytes)]
+        # Workers share one port on purpose; a single server must not silently share its port with another.
+        limits.append(("grpc.so_reuseport", 1 if settings.workers > 1 else 0))
+        server = grpc.aio.server(options=limits)
+        servicer = InferenceServicer(repository, scheduler, settings.max_concurrent_streams)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        health_servicer = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for file_descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+            _add_to_pool(file_descriptor)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server, pool=protos.POOL)
+        port = _bind_grpc(server, settings)
+        await server.start()
 
-    metrics_server, metrics_port = None, None
-    if settings.metrics_port >= 0:
-        metrics_server = await start_metrics_server(metrics, settings.host, settings.metrics_port)
-        metrics_port = metrics_server.sockets[0].getsockname()[1]
+        metrics_server, metrics_port = None, None
+        if settings.metrics_port >= 0:
+            try:
+                metrics_server = await start_metrics_server(metrics, settings.host, settings.metrics_port)
+            except OSError as exc:
+                raise StartupError(f"metrics port {settings.host}:{settings.metrics_port}: cannot bind "
+                                   f"({exc.strerror or exc}); choose another with --metrics-port, or -1 for none") from None
+            metrics_port = metrics_server.sockets[0].getsockname()[1]
+    except BaseException:
+        if server is not None:  # stop it on this loop: otherwise grpc.aio's finaliser runs after the loop closed
+            await server.stop(None)
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
 
     status = health_pb2.HealthCheckResponse.SERVING if repository.ready else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", SERVICE_NAME):
@@ -139,6 +155,65 @@ async def start_server(settings: ServerSettings) -> RunningServer:
                                           "ready": repository.ready, "models": models,
                                           "startup_s": round(time.perf_counter() - started, 3)}})
     return running
+
+
+def _bind_grpc(server: grpc.aio.Server, settings: ServerSettings) -> int:
+    address = f"{settings.host}:{settings.grpc_port}"
+    hint = " (Triton's default port: another server may hold it)" if settings.grpc_port == 8001 else ""
+    refusal = (f"gRPC port {address}: cannot bind, it is in use or not an address of this machine{hint}; "
+               "choose another with --grpc-port (0 picks a free one)")
+    if settings.workers == 1 and _port_taken(settings.host, settings.grpc_port):
+        raise StartupError(refusal)  # found before grpc tries, which would log its own error line first
+    try:
+        if settings.tls_cert:
+            port = server.add_secure_port(address, tls.server_credentials(settings.tls_cert, settings.tls_key,
+                                                                          settings.tls_client_ca))
+        else:
+            port = server.add_insecure_port(address)
+            if not _is_loopback(settings.host):
+                log.warning("plaintext gRPC on a non-loopback address", extra={"fields": {"host": settings.host}})
+    except RuntimeError:  # grpc's "Failed to bind to address ..."
+        port = 0
+    if port == 0:
+        raise StartupError(refusal)
+    return port
+
+
+def _port_taken(host: str, port: int) -> bool:
+    """Whether another socket holds host:port (a probe bind, closed at once; 0 is never taken)."""
+    import errno
+    import socket
+
+    if port == 0:
+        return False
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False  # grpc reports an unresolvable host itself
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
+def _check_cuda() -> None:
+    """--provider cuda must mean CUDA: refuse to start rather than serve nothing ready."""
+    import onnxruntime as ort
+
+    from .runtime import CUDA, cuda_device_present
+
+    available = ort.get_available_providers()
+    if CUDA not in available:
+        raise StartupError(f"provider cuda: this onnxruntime has only {', '.join(available)}; install "
+                           "onnxruntime-gpu (the gpu extra), or use --provider auto or cpu")
+    if not cuda_device_present():
+        raise StartupError("provider cuda: onnxruntime-gpu is installed but no NVIDIA driver or device is visible "
+                           "(/dev/nvidiactl, /proc/driver/nvidia/version); use --provider auto or cpu")
 
 
 def _is_loopback(host: str) -> bool:

@@ -78,6 +78,7 @@ class Repository:
         self.default_max_batch_size = default_max_batch_size
         self.default_queue_delay_us = default_queue_delay_us
         self.models: dict[str, ModelEntry] = {}
+        self.strict_readiness = True  # Triton's --strict-readiness: server ready only while every model is
 
     def load_all(self) -> None:
         """Load every model; a model that fails is logged and kept as not ready, the others serve."""
@@ -98,8 +99,16 @@ class Repository:
 
     @property
     def ready(self) -> bool:
-        """Server readiness: every model has a ready version (a broken model makes the server not ready)."""
-        return bool(self.models) and all(any(v.ready for v in m.versions.values()) for m in self.models.values())
+        """Server readiness: with strict readiness (Triton's default) every model has a ready version, so a
+        broken model makes the server not ready; without it, the server is ready once it serves."""
+        return not self.strict_readiness or not self.problems()
+
+    def problems(self) -> list[str]:
+        """Why the repository is not wholly ready: one line per model without a ready version."""
+        if not self.models:
+            return [f"model repository {self.root}: no model directories"]
+        return [f"model '{name}': {entry.reason or entry._reasons()}" for name, entry in sorted(self.models.items())
+                if not any(v.ready for v in entry.versions.values())]
 
     def _load_model(self, model_dir: Path) -> ModelEntry:
         name = model_dir.name

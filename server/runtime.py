@@ -217,10 +217,10 @@ def choose_providers(requested: str) -> list[str]:
         if CUDA not in available:
             raise RuntimeError(f"provider cuda: onnxruntime has only {available}; install onnxruntime-gpu")
         return [CUDA, CPU]
-    return [CUDA, CPU] if CUDA in available and _cuda_device_present() else [CPU]
+    return [CUDA, CPU] if CUDA in available and cuda_device_present() else [CPU]
 
 
-def _cuda_device_present() -> bool:
+def cuda_device_present() -> bool:
     # onnxruntime-gpu lists CUDA even with no GPU or driver; asking for it then logs errors, so look first.
     return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists()
 

@@ -12,6 +12,7 @@ ENV_PREFIX = "LSTM_ONNX_"
 PROVIDERS = ("auto", "cpu", "cuda")
 LOG_FORMATS = ("kv", "json")
 EVENT_LOOPS = ("auto", "asyncio", "uvloop")
+BOOLEANS = ("true", "false")  # Triton spells its boolean flags this way
 
 
 def _setting(default: Any, help: str, **extra: Any) -> Any:
@@ -58,6 +59,11 @@ class ServerSettings:
                             "metrics-port + i (0: a free port each, -1: none); SIGTERM drains them all")
     event_loop: str = _setting("auto", "event loop under grpc.aio: auto uses uvloop when it is installed (cheaper "
                                "per request), else asyncio's own", choices=EVENT_LOOPS)
+    exit_on_error: str = _setting("true", "as in Triton: an empty repository or a model that fails to load ends "
+                                  "start-up with one line and exit 1; false serves the models that loaded",
+                                  choices=BOOLEANS)
+    strict_readiness: str = _setting("true", "as in Triton: ServerReady and health say ready only while every model "
+                                     "is ready; false: ready as soon as the server serves", choices=BOOLEANS)
     grace_period_s: float = _setting(10.0, "on SIGTERM/SIGINT, how long in-flight requests get to finish")
     log_format: str = _setting("kv", "log lines on stderr: kv (key=value) or json", choices=LOG_FORMATS)
     log_level: str = _setting("INFO", "logging level (DEBUG, INFO, WARNING, ERROR)")
@@ -73,6 +79,9 @@ class ServerSettings:
             raise ValueError(f"intra_op_spinning: got {self.intra_op_spinning!r}, expected off or on")
         if self.event_loop not in EVENT_LOOPS:
             raise ValueError(f"event_loop: got {self.event_loop!r}, expected one of {', '.join(EVENT_LOOPS)}")
+        for name in ("exit_on_error", "strict_readiness"):
+            if getattr(self, name) not in BOOLEANS:
+                raise ValueError(f"{name}: got {getattr(self, name)!r}, expected true or false")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"log_format: got {self.log_format!r}, expected one of {', '.join(LOG_FORMATS)}")
         for name in ("grpc_port", "metrics_port"):

@@ -18,9 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_server_package_never_imports_torch():
-    code = ("import sys, importlib, pkgutil, server\n"
-            "for m in pkgutil.iter_modules(server.__path__): importlib.import_module('server.' + m.name)\n"
-            "bad = [m for m in ('torch', 'model', 'export') if m in sys.modules]\n"
+    code = ("import sys, importlib, pkgutil\n"
+            "import lstm_onnx.server as server\n"
+            "for m in pkgutil.iter_modules(server.__path__): importlib.import_module('lstm_onnx.server.' + m.name)\n"
+            "bad = [m for m in ('torch', 'lstm_onnx.model', 'lstm_onnx.export', 'model', 'export') if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
 
