@@ -73,8 +73,9 @@ def run_verify(args: argparse.Namespace) -> int:
     else:
         print(format_verify(report))
     if not report["passed"]:
-        failed = [c["check"] for c in report["checks"] if c["passed"] is False]
-        raise CheckFailed(f"verification failed: {', '.join(failed)}")
+        failed = [c["check"] + (f" ({c['message']})" if c.get("message") else "")
+                  for c in report["checks"] if c["passed"] is False]
+        raise CheckFailed(f"verification failed: {'; '.join(failed)}")
     return 0
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import onnx
 
-from lstm_onnx.contract import WEIGHTS_FILE, file_digest, read_contract
+from lstm_onnx.contract import RECURRENT_OPS, WEIGHTS_FILE, file_digest, read_contract
 
 from .onnx_export import ExportError, check_explicit
 from .parity import DEFAULT_ATOL, DEFAULT_FLOOR_FACTOR, DEFAULT_RTOL, resolve_providers, run_parity
@@ -47,6 +47,11 @@ def verify_model(model_path: str | Path, run_dir: str | Path, provider: str = "a
         checks.append({"check": "checkpoint_digest", "passed": same,
                        "message": None if same else f"model records {contract.get('checkpoint_digest')}, run has {digest}"})
 
+    mismatch = architecture_mismatch(model, config.model)
+    checks.append({"check": "architecture", "passed": mismatch is None, "message": mismatch})
+    if mismatch is not None:  # another network: parity would only fail on missing or misshapen inputs
+        return {"format": "lstm-onnx-verify-report/1", "model": str(model_path), "run_dir": str(run_dir),
+                "passed": False, "checks": checks, "parity": None}
     providers = resolve_providers(provider)
     parity = run_parity(net, model_path, providers, atol=atol, rtol=rtol, floor_factor=floor_factor)
     checks.append({"check": "parity", "passed": parity["passed"]})
@@ -61,6 +66,22 @@ def verify_model(model_path: str | Path, run_dir: str | Path, provider: str = "a
     }
 
 
+def architecture_mismatch(model: onnx.ModelProto, config: Any) -> str | None:
+    """None when the ONNX graph's recurrent nodes have the checkpoint's shape, else one line saying how they differ."""
+    nodes = [n for n in model.graph.node if n.op_type in RECURRENT_OPS]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    hidden = sorted({int(a.get("hidden_size", 0)) for a in attrs})
+    bidirectional = sorted({a.get("direction", b"forward") == b"bidirectional" for a in attrs})
+    ops = sorted({n.op_type for n in nodes})
+    graph_inputs = {i.name: i for i in model.graph.input}
+    dims = [d.dim_value for d in graph_inputs["input"].type.tensor_type.shape.dim] if "input" in graph_inputs else []
+    found = (f"{len(nodes)}-layer {'/'.join(ops) or 'non-recurrent'} hidden {'/'.join(map(str, hidden)) or '?'}"
+             f"{' bidirectional' if True in bidirectional else ''}, input size {dims[2] if len(dims) == 3 else '?'}")
+    wanted = (f"{config.num_layers}-layer {config.cell.upper()} hidden {config.hidden_size}"
+              f"{' bidirectional' if config.bidirectional else ''}, input size {config.input_size}")
+    return None if found == wanted else f"the model is a {found}; the checkpoint is a {wanted}"
+
+
 def format_verify(report: dict[str, Any]) -> str:
     """Human-readable summary: per provider and output, worst errors and the tolerance that would pass."""
     parity = report["parity"]
@@ -68,6 +89,9 @@ def format_verify(report: dict[str, Any]) -> str:
     for c in report["checks"]:
         mark = {True: "ok", False: "FAIL", None: "n/a"}[c["passed"]]
         lines.append(f"  {c['check']:<26} {mark}" + (f"  ({c['message']})" if c.get("message") else ""))
+    if parity is None:
+        lines.append("FAILED (parity not run: the model and the checkpoint are different networks)")
+        return "\n".join(lines)
     lines.append(f"  {'provider':<22} {'output':<8} {'cases':>5} {'max abs':>11} {'max rel':>11} {'atol needed':>12}")
     for provider in parity["providers"]:
         cases = [c for c in parity["cases"] if c["provider"] == provider]

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from lstm_onnx import protos
 from lstm_onnx.protos import grpc_service_pb2 as pb
@@ -125,8 +125,7 @@ async def start_server(settings: ServerSettings) -> RunningServer:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for file_descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
             _add_to_pool(file_descriptor)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server, pool=protos.POOL)
+        _enable_reflection(server)
         port = _bind_grpc(server, settings)
         await server.start()
 
@@ -155,6 +154,22 @@ async def start_server(settings: ServerSettings) -> RunningServer:
                                           "ready": repository.ready, "models": models,
                                           "startup_s": round(time.perf_counter() - started, 3)}})
     return running
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _enable_reflection(server: grpc.aio.Server) -> None:
+    """Server reflection v1alpha and v1 (grpcurl asks v1 first). grpcio-reflection ships only v1alpha; v1 is the
+    same messages in another package, so the one servicer answers both."""
+    names = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1]
+    servicer = reflection.aio.ReflectionServicer(names, pool=protos.POOL)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),))
 
 
 def _bind_grpc(server: grpc.aio.Server, settings: ServerSettings) -> int:

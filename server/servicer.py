@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 
 from lstm_onnx.protocol import codec
-from lstm_onnx.protocol.errors import NotFound, status_of
+from lstm_onnx.protocol.errors import status_of
 from lstm_onnx.protos import grpc_service_pb2 as pb
 from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
@@ -19,8 +19,11 @@ log = logging.getLogger("lstm_onnx.server")
 
 SERVER_NAME = "lstm-onnx"
 SERVER_VERSION = "0.1.0"
-# Only what this server really does: model_configuration, statistics, repository index, sequences.
-EXTENSIONS = ["model_configuration", "statistics", "model_repository", "sequence", "streaming"]
+# Only what this server really does. Not "model_repository": RepositoryModelLoad/Unload are not implemented
+# (the repository is read once at start-up, like Triton's --model-control-mode none); RepositoryIndex is.
+EXTENSIONS = ["model_configuration", "statistics", "sequence", "streaming"]
+# Parameter of a stream's error response that carries the status a unary call would have had.
+STREAM_ERROR_CODE = "error_code"
 
 
 def _status_on_error(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
@@ -58,11 +61,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_status_on_error
     async def ModelReady(self, request, context):
-        entry = self.repository.get(request.name)
+        # Triton answers ready: false for a model or version it does not have, not NOT_FOUND.
         try:
-            ready = entry.resolve(request.version).ready
-        except NotFound:
-            raise
+            ready = self.repository.get(request.name).resolve(request.version).ready
         except Exception:
             ready = False
         return pb.ModelReadyResponse(ready=ready and not self.scheduler.draining)
@@ -146,9 +147,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"{self.open_streams} streams are open, the limit is {self.max_streams} "
                                 "(max_concurrent_streams); close one or use ModelInfer")
+        # Triton's opt-in: with header triton_grpc_error: true an error ends the stream with its real status.
+        grpc_errors = dict(context.invocation_metadata() or ()).get("triton_grpc_error", "").lower() == "true"
         self.open_streams += 1
         try:
             async for response in self._stream(request_iterator):
+                if grpc_errors and response.error_message:
+                    code = grpc.StatusCode[response.infer_response.parameters[STREAM_ERROR_CODE].string_param]
+                    await context.abort(code, response.error_message)
                 yield response
         finally:
             self.open_streams -= 1
@@ -161,9 +167,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 code, message = status_of(exc)
                 if code == grpc.StatusCode.INTERNAL:
                     log.exception("internal error", extra={"fields": {"rpc": "ModelStreamInfer"}})
-                yield pb.ModelStreamInferResponse(
-                    error_message=message,
-                    infer_response=pb.ModelInferResponse(model_name=request.model_name,
-                                                         model_version=request.model_version, id=request.id))
+                # The same text as the unary call; its status name rides along as a response parameter.
+                failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                               id=request.id)
+                failed.parameters[STREAM_ERROR_CODE].string_param = code.name
+                yield pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
                 continue
             yield pb.ModelStreamInferResponse(infer_response=response)

@@ -72,7 +72,10 @@ class InferenceClient:
         try:
             for response in self.stub.ModelStreamInfer(requests, timeout=self.timeout_s):
                 if response.error_message:
-                    raise ClientError(grpc.StatusCode.UNKNOWN, response.error_message)
+                    # The server names the status a unary call would have had (servicer.STREAM_ERROR_CODE).
+                    name = response.infer_response.parameters["error_code"].string_param
+                    code = grpc.StatusCode[name] if name in grpc.StatusCode.__members__ else grpc.StatusCode.UNKNOWN
+                    raise ClientError(code, response.error_message)
                 yield codec.decode_response(response.infer_response)
         except grpc.RpcError as exc:
             raise ClientError(exc.code(), exc.details()) from None

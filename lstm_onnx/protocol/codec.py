@@ -65,10 +65,15 @@ def _decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | N
             raise InvalidArgument(f"input '{name}': got {len(raw)} bytes, expected {count * dtype.itemsize} "
                                   f"for {datatype} shape {shape}")
         return _reshape(name, np.frombuffer(raw, dtype=dtype), shape)
-    values = getattr(tensor.contents, _CONTENTS_FIELD.get(datatype, ""), None) if datatype != "FP16" else None
-    if values is None:
+    field = _CONTENTS_FIELD.get(datatype) if datatype != "FP16" else None
+    if field is None:
         raise InvalidArgument(f"input '{name}': datatype {datatype} cannot travel in typed contents, "
                               "send it in raw_input_contents")
+    values = getattr(tensor.contents, field)
+    sent = [f for f in sorted(set(_CONTENTS_FIELD.values())) if f != field and getattr(tensor.contents, f)]
+    if sent:
+        raise InvalidArgument(f"input '{name}': got its values in contents.{sent[0]}, expected contents.{field} "
+                              f"for datatype {datatype}")
     if len(values) != count:
         raise InvalidArgument(f"input '{name}': got {len(values)} values, expected {count} for shape {shape}")
     return _reshape(name, np.asarray(values, dtype=dtype), shape)
