@@ -19,6 +19,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     from .onnx_export import ExportError
     from .repository import ParityFailed, export_to_repository
+    from .verification import parity_sentence
 
     try:
         report = export_to_repository(args.run_dir, args.repository, name=args.name, version=args.version,
@@ -46,10 +47,9 @@ def run_export(args: argparse.Namespace) -> int:
         p = report["parity"]
         print(f"exported {report['path']}")
         print(f"  recurrent nodes: {', '.join(report['recurrent_nodes'])}")
-        floor = (f"; {p['cases_passed_by_floor']} case(s) passed within {p['floor_factor']:g}x FP32's own error"
-                 if p.get("cases_passed_by_floor") else "")
-        print(f"  parity (CPU): {p['cases_run']} cases passed at atol {p['atol']:g}, rtol {p['rtol']:g}{floor}; "
-              f"atol that passes every case without that rule: {p['tolerance_that_would_pass']:.3e}")
+        print("  " + parity_sentence(p))
+        if args.report:
+            print(f"  the full parity table: {args.report}")
     return 0
 
 
@@ -71,7 +71,7 @@ def run_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(format_verify(report))
+        print(format_verify(report, table=args.table, report_path=args.report))
     if not report["passed"]:
         failed = [c["check"] + (f" ({c['message']})" if c.get("message") else "")
                   for c in report["checks"] if c["passed"] is False]
@@ -127,6 +127,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="onnxruntime provider(s) to compare (all: every available one; default all)")
     _add_tolerance_flags(v)
     v.add_argument("--report", metavar="FILE", help="also write the JSON report here")
-    v.add_argument("--json", action="store_true", help="print the JSON report instead of a table")
+    v.add_argument("--json", action="store_true", help="print the JSON report instead of a summary")
+    v.add_argument("--table", action="store_true", help="print the worst errors per provider and output too "
+                   "(always printed when parity fails)")
     v.set_defaults(func=run_verify)
 

@@ -153,7 +153,17 @@ def build_contract(config: Any, layers: list, checkpoint_digest: str) -> dict[st
         "state": [{"input": i, "output": o} for i, o in zip(inputs[1:], outputs[1:])],
         "gate_digests": gate_digests(c.cell, layers),
         "checkpoint_digest": checkpoint_digest,
+        "versions": tool_versions(),
     }
+
+
+def tool_versions() -> dict[str, str]:
+    """The versions that made this file: ours is the producer; torch and onnx are recorded beside it."""
+    import torch
+
+    from lstm_onnx import __version__
+
+    return {"lstm_onnx": __version__, "torch": torch.__version__, "onnx": onnx.__version__}
 
 
 def set_contract(model: onnx.ModelProto, contract: dict[str, Any]) -> None:
@@ -171,6 +181,7 @@ def export_onnx(net: Any, checkpoint_digest: str, opset: int = DEFAULT_OPSET) ->
     layers = name_recurrent_tensors(model, cfg.cell)
     contract = build_contract(cfg, layers, checkpoint_digest)
     model.producer_name = "lstm-onnx"
+    model.producer_version = contract["versions"]["lstm_onnx"]  # torch.onnx wrote its own version here
     model.doc_string = (
         f"Stacked {cfg.cell.upper()}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
         f"{'bidirectional' if cfg.bidirectional else 'unidirectional'}, {cfg.task} head with {cfg.num_outputs} outputs"

@@ -58,6 +58,8 @@ def render_config(contract: dict[str, Any], name: str, max_batch_size: int = DEF
     lines.append("]")
     lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}")
     lines.append('parameters { key: "lstm_onnx.cell" value { string_value: "%s" } }' % contract["cell"])
+    # What `output` holds, so that clients can say "class 2, probability 0.97" instead of printing logits.
+    lines.append('parameters { key: "lstm_onnx.task" value { string_value: "%s" } }' % contract["task"])
     return "\n".join(lines) + "\n"
 
 

@@ -82,8 +82,26 @@ def architecture_mismatch(model: onnx.ModelProto, config: Any) -> str | None:
     return None if found == wanted else f"the model is a {found}; the checkpoint is a {wanted}"
 
 
-def format_verify(report: dict[str, Any]) -> str:
-    """Human-readable summary: per provider and output, worst errors and the tolerance that would pass."""
+def parity_sentence(parity: dict[str, Any]) -> str:
+    """What was compared and why it passed or failed, in plain words (the numbers are in the report)."""
+    providers = ", ".join(p.removesuffix("ExecutionProvider") for p in parity["providers"])
+    worst = parity["tolerance_that_would_pass"]  # the atol that would pass every element on its own
+    compared = (f"onnxruntime ({providers}) against PyTorch on {parity['cases_run']} cases (batch 1/3/16, time "
+                f"1/7/64, random/zero/large inputs, with and without initial state, chunked and whole)")
+    if not parity["passed"]:
+        return (f"parity FAILED: {compared}; {parity['cases_failed']} case(s) differ by more than atol "
+                f"{parity['atol']:g} (and rtol {parity['rtol']:g}); only an atol of {worst:.2e} would pass them")
+    floor = parity.get("cases_passed_by_floor") or 0
+    why = (f"; {floor} case(s) passed because their error stayed within {parity['floor_factor']:g}x of "
+           "PyTorch's own float32-vs-float64 error on the same input, as close as float32 arithmetic gets"
+           if floor else "")
+    return (f"parity passed: {compared} agree within atol {parity['atol']:g} or rtol {parity['rtol']:g} per "
+            f"element (an atol of {worst:.2e} alone would pass every element){why}")
+
+
+def format_verify(report: dict[str, Any], table: bool = False, report_path: str | None = None) -> str:
+    """Human-readable summary: the checks, one sentence on parity, and (with `table`, or on failure) the worst
+    errors per provider and output."""
     parity = report["parity"]
     lines = [f"verify {report['model']} against {report['run_dir']}"]
     for c in report["checks"]:
@@ -91,6 +109,11 @@ def format_verify(report: dict[str, Any]) -> str:
         lines.append(f"  {c['check']:<26} {mark}" + (f"  ({c['message']})" if c.get("message") else ""))
     if parity is None:
         lines.append("FAILED (parity not run: the model and the checkpoint are different networks)")
+        return "\n".join(lines)
+    lines.append("  " + parity_sentence(parity))
+    if not table and parity["passed"]:
+        lines.append("PASSED" + (f" (the full table: {report_path})" if report_path else " (--table prints the worst "
+                                                                                            "errors per output)"))
         return "\n".join(lines)
     lines.append(f"  {'provider':<22} {'output':<8} {'cases':>5} {'max abs':>11} {'max rel':>11} {'atol needed':>12}")
     for provider in parity["providers"]:

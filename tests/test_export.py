@@ -171,7 +171,10 @@ def test_verify_cli_passes_and_reports_tolerance(tiny_run_dir, tmp_path):
     assert set(report["parity"]["fp32_floor"]) == {"output", "hn", "cn"}
     assert all(0 <= v < 1e-3 for v in report["parity"]["fp32_floor"].values())
     text = _cli("verify", str(tmp_path / "m" / "1" / "model.onnx"), "--checkpoint", str(tiny_run_dir))
-    assert "tolerance that would have passed" in text.stdout and "PASSED" in text.stdout
+    assert "parity passed: onnxruntime (CPU) against PyTorch on " in text.stdout and "PASSED" in text.stdout
+    assert "tolerance that would have passed" not in text.stdout  # the table waits for --table
+    table = _cli("verify", str(tmp_path / "m" / "1" / "model.onnx"), "--checkpoint", str(tiny_run_dir), "--table")
+    assert "tolerance that would have passed" in table.stdout and "CPUExecutionProvider   output" in table.stdout
 
 
 def test_verify_fails_against_another_checkpoint(tiny_run_dir, make_run_dir, tmp_path):

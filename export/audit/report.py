@@ -44,7 +44,9 @@ def _trained(audit: Audit, key: str) -> str:
 
 def format_text(audit: Audit) -> str:
     """The human report: how the gates are laid out, one table per layer, the head, totals, findings."""
-    lines = [f"ONNX weight audit: {audit.path} (producer: {audit.producer})"]
+    versions = (audit.contract or {}).get("versions") or {}
+    made_with = ", ".join(f"{k} {v}" for k, v in versions.items() if k != "lstm_onnx")
+    lines = [f"ONNX weight audit: {audit.path} (producer: {audit.producer}{f'; made with {made_with}' if made_with else ''})"]
     c = audit.contract
     if c:
         lines.append(f"contract: {c.get('format')}, {c.get('cell')}, {c.get('num_layers')} layer(s), hidden "

@@ -53,6 +53,13 @@ class InferenceClient:
         config = self._call(self.stub.ModelConfig, pb.ModelConfigRequest(name=model)).config
         return {tensor.name for tensor in config.input if tensor.optional}
 
+    def task(self, model: str) -> str | None:
+        """What the model's `output` holds (classification or regression), from config.pbtxt's parameters."""
+        config = self._call(self.stub.ModelConfig, pb.ModelConfigRequest(name=model)).config
+        if "lstm_onnx.task" not in config.parameters:
+            return None  # a repository from another tool
+        return config.parameters["lstm_onnx.task"].string_value or None
+
     def ready(self) -> bool:
         return self._call(self.stub.ServerReady, pb.ServerReadyRequest()).ready
 
