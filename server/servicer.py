@@ -19,8 +19,10 @@ log = logging.getLogger("lstm_onnx.server")
 
 SERVER_NAME = "lstm-onnx"
 SERVER_VERSION = "0.1.0"
-# Only what this server really does: model_configuration, statistics, repository index, sequences.
-EXTENSIONS = ["model_configuration", "statistics", "model_repository", "sequence", "streaming"]
+# Only what this server really does: model_configuration, statistics, repository index, sequences (with
+# string ids, which Triton's protocol docs name "sequence(string_id)"), streaming.
+EXTENSIONS = ["model_configuration", "statistics", "model_repository", "sequence", "sequence(string_id)",
+              "streaming"]
 
 
 def _status_on_error(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
