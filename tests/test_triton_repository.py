@@ -237,3 +237,48 @@ def test_stateless_config_serves_and_a_bidirectional_model_refuses_implicit_stat
             client.close()
         reason = bad.running.repository.models["bi"].versions[1].reason
     assert "bidirectional" in reason and "--config-style stateless" in reason, reason
+
+
+def _write_accumulator(model_dir: Path, states: list[tuple[str, str]]) -> None:
+    """A model without our contract: y = x, and per state `out = in + x` ([batch, 1] each); outputs listed."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def value(name: str):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 1])
+
+    nodes = [helper.make_node("Identity", ["x"], ["y"])] + [helper.make_node("Add", [i, "x"], [o]) for i, o in states]
+    graph = helper.make_graph(nodes, "accumulator", [value("x")] + [value(i) for i, _ in states],
+                              [value("y")] + [value(o) for _, o in states])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (model_dir / "1").mkdir(parents=True)
+    onnx.save(model, str(model_dir / "1" / "model.onnx"))
+    entries = ",\n".join(f'    {{ input_name: "{i}" output_name: "{o}" data_type: TYPE_FP32 dims: [ 1 ] '
+                         f'initial_state {{ data_type: TYPE_FP32 dims: [ 1 ] zero_data: true name: "{i}0" }} }}'
+                         for i, o in states)
+    (model_dir / "config.pbtxt").write_text(
+        f'platform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
+        'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        "output [ " + ", ".join(f'{{ name: "{n}" data_type: TYPE_FP32 dims: [ 1 ] }}' for n in ["y"] + [o for _, o in states])
+        + " ]\n"
+        f"sequence_batching {{\n  state [\n{entries}\n  ]\n}}\n")
+
+
+def test_config_state_drives_a_model_without_contract_and_bad_pairing_is_refused(tmp_path):
+    _write_accumulator(tmp_path / "acc", [("total", "total_next"), ("count", "count_next")])
+    # server issue 8586's pattern: "s" < "s_len" but "s_len_next" < "s_next".
+    _write_accumulator(tmp_path / "mispaired", [("s", "s_next"), ("s_len", "s_len_next")])
+    with _start(tmp_path) as srv:
+        client = tc.InferenceServerClient(srv.url)
+        try:
+            for i in range(3):
+                last = client.infer("acc", [_tensor(np.full((1, 1), 2.0, np.float32), "x")], sequence_id=1,
+                                    sequence_start=i == 0, sequence_end=i == 2)
+        finally:
+            client.close()
+        # No idle timeout in the config: Triton's default of 1 s applies, not the server's 60 s.
+        assert srv.running.scheduler.sequences.idle_timeouts["acc"] == 1.0
+        reason = srv.running.repository.models["mispaired"].versions[1].reason
+    assert last.as_numpy("total_next").tolist() == [[6.0]] and last.as_numpy("count_next").tolist() == [[6.0]]
+    assert "sort orders of input and output names differ" in reason and "s->s_next" in reason, reason
