@@ -123,7 +123,7 @@ BROKEN = [
                                      'CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] } ] } ]\n  state ['),
      "configuration specified sequence control 'START', but model does not provide that input"),
     ("preferred above max", ("preferred_batch_size: [ 64 ]", "preferred_batch_size: [ 65 ]"),
-     "must be <= max batch size 64"),
+     "sequence batching preferred batch size must be <= max batch size (got 65 > 64)"),
 ]
 # (what to break, the wrong serving Triton would not notice at load)
 MISFED = [

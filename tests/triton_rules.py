@@ -81,17 +81,19 @@ def _core_scheduler_errors(config: mc.ModelConfig) -> list[str]:
     # core src/model_config_utils.cc ValidateModelConfig: preferred sizes must be positive and <= max_batch_size.
     if config.HasField("dynamic_batching"):
         for size in config.dynamic_batching.preferred_batch_size:
-            if size < 1 or size > mbs:
-                errors.append(f"dynamic batching preferred size {size} must be in 1..{mbs} (max_batch_size)")
+            if size < 1:
+                errors.append(f"dynamic batching preferred size must be positive (got {size})")
+            elif size > mbs:
+                errors.append(f"dynamic batching preferred size must be <= max batch size (got {size} > {mbs})")
     if not config.HasField("sequence_batching"):
         return errors
     seq = config.sequence_batching
     if seq.WhichOneof("strategy_choice") == "oldest":
         for size in seq.oldest.preferred_batch_size:
             if size < 1:
-                errors.append("sequence batching preferred batch size must be positive")
+                errors.append(f"sequence batching preferred batch size must be positive (got {size})")
             elif size > mbs:
-                errors.append(f"sequence batching preferred batch size {size} must be <= max batch size {mbs}")
+                errors.append(f"sequence batching preferred batch size must be <= max batch size (got {size} > {mbs})")
     if seq.WhichOneof("strategy_choice") == "direct" and not 0.0 <= seq.direct.minimum_slot_utilization <= 1.0:
         errors.append("sequence batching minimum slot utilization must be in range (0.0, 1.0]")
     # core src/model_config_utils.cc ValidateModelConfig: one tensor per control kind, one kind per tensor;
