@@ -108,7 +108,8 @@ def test_config_pbtxt_parses_as_triton_model_config(tiny_gru_run_dir, tmp_path):
     assert [(i.name, list(i.dims), i.optional) for i in config.input] == [("input", [-1, 1], False)]
     assert [(o.name, list(o.dims)) for o in config.output] == [("output", [4]), ("hn", [2, 8])]
     # h0 is implicit state, fed back from hn by the sequence batcher (tests/test_triton_rules.py checks the rules).
-    assert [(s.input_name, s.output_name, list(s.dims)) for s in config.sequence_batching.state] == [("h0", "hn", [2, 8])]
+    states = [(s.input_name, s.output_name, list(s.dims)) for s in config.sequence_batching.state]
+    assert states == [("h0", "hn", [2, 8])]
     assert config.sequence_batching.oldest.max_queue_delay_microseconds > 0
     assert list(config.sequence_batching.oldest.preferred_batch_size) == [16]
     assert (tmp_path / "g" / "3" / "model.onnx").is_file()

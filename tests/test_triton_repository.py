@@ -179,7 +179,8 @@ def _copy_model(src: Path, dest: Path, name: str, config_text: str) -> None:
 
 
 def test_config_written_before_issue_10_still_serves_sequences(tiny_repository, tmp_path):
-    _copy_model(tiny_repository / "tiny_lstm", tmp_path, "tiny_lstm", (DATA / "config_before_issue10.pbtxt").read_text())
+    old = (DATA / "config_before_issue10.pbtxt").read_text()
+    _copy_model(tiny_repository / "tiny_lstm", tmp_path, "tiny_lstm", old)
     x = sample_input(1, 9, seed=41)
     with _start(tmp_path) as srv:
         client = tc.InferenceServerClient(srv.url)
@@ -260,7 +261,8 @@ def _write_accumulator(model_dir: Path, states: list[tuple[str, str]]) -> None:
     (model_dir / "config.pbtxt").write_text(
         f'platform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
         'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
-        "output [ " + ", ".join(f'{{ name: "{n}" data_type: TYPE_FP32 dims: [ 1 ] }}' for n in ["y"] + [o for _, o in states])
+        "output [ " + ", ".join(f'{{ name: "{n}" data_type: TYPE_FP32 dims: [ 1 ] }}'
+                               for n in ["y"] + [o for _, o in states])
         + " ]\n"
         f"sequence_batching {{\n  state [\n{entries}\n  ]\n}}\n")
 
