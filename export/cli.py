@@ -18,13 +18,17 @@ def run_export(args: argparse.Namespace) -> int:
     from lstm_onnx.model.checkpoint import CheckpointError
 
     from .onnx_export import ExportError
-    from .repository import ParityFailed, export_to_repository
+    from .repository import BatchingOptions, ParityFailed, export_to_repository
     from .verification import parity_sentence
 
     try:
+        batching = BatchingOptions(max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
+                                   preferred_batch_size=tuple(args.preferred_batch_size or ()),
+                                   max_candidate_sequences=args.max_candidate_sequences,
+                                   max_sequence_idle_us=args.max_sequence_idle_us)
         report = export_to_repository(args.run_dir, args.repository, name=args.name, version=args.version,
                                       opset=args.opset, atol=args.atol, rtol=args.rtol, floor_factor=args.floor_factor,
-                                      max_batch_size=args.max_batch_size)
+                                      config_style=args.config_style, batching=batching)
     except CheckpointError as exc:
         raise UsageError(str(exc)) from None
     except ParityFailed as exc:
@@ -45,7 +49,7 @@ def run_export(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         p = report["parity"]
-        print(f"exported {report['path']}")
+        print(f"exported {report['path']} (config.pbtxt: {report['config_style']})")
         print(f"  recurrent nodes: {', '.join(report['recurrent_nodes'])}")
         print("  " + parity_sentence(p))
         if args.report:
@@ -94,6 +98,29 @@ def _add_tolerance_flags(parser: argparse.ArgumentParser) -> None:
                         f"0: off (default {DEFAULT_FLOOR_FACTOR:g})")
 
 
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """What config.pbtxt says to Triton and to our server (docs/contract.md, Model repository)."""
+    from .repository import CONFIG_STYLES, DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_US, DEFAULT_SEQUENCE_IDLE_US
+
+    parser.add_argument("--config-style", choices=CONFIG_STYLES, default=None,
+                        help="implicit-state: Triton's sequence batcher carries h0/c0 between a sequence's requests "
+                        "(clients send only `input`); stateless: dynamic batching, h0/c0 required inputs. Default: "
+                        "implicit-state, or stateless for a bidirectional model (its state cannot be carried)")
+    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH,
+                        help=f"max_batch_size in config.pbtxt (default {DEFAULT_MAX_BATCH})")
+    parser.add_argument("--max-queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US,
+                        help="longest wait for a batch to fill while the model is busy, in microseconds "
+                        f"(default {DEFAULT_QUEUE_DELAY_US})")
+    parser.add_argument("--preferred-batch-size", type=int, nargs="+", metavar="N",
+                        help="batch sizes Triton's batcher aims for, each 1..max-batch-size (default: max-batch-size)")
+    parser.add_argument("--max-candidate-sequences", type=int, default=0,
+                        help="implicit-state: sequences Triton batches at once (its slots; more wait in a backlog "
+                        "until one ends); 0: max-batch-size (default 0)")
+    parser.add_argument("--max-sequence-idle-us", type=int, default=DEFAULT_SEQUENCE_IDLE_US,
+                        help="implicit-state: a sequence with no request for this long is freed, in microseconds "
+                        f"(default {DEFAULT_SEQUENCE_IDLE_US})")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
@@ -109,7 +136,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", type=int, default=1, help="model version folder (default 1)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14..20 (default 17)")
     _add_tolerance_flags(p)
-    p.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size in config.pbtxt (default 64)")
+    _add_config_flags(p)
     p.add_argument("--report", metavar="FILE", help="also write the JSON report here (kept on failure too)")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of a summary")
     p.set_defaults(func=run_export)

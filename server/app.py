@@ -111,7 +111,8 @@ async def start_server(settings: ServerSettings) -> RunningServer:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise StartupError(f"{problems[0]}{more}; --exit-on-error false serves the models that loaded")
         metrics = Metrics()
-        sequences = SequenceStore(settings.max_sequences, settings.sequence_idle_timeout_s)
+        sequences = SequenceStore(settings.max_sequences, settings.sequence_idle_timeout_s,
+                                  idle_timeouts=repository.sequence_idle_timeouts())
         scheduler = Scheduler(repository, executor, metrics, sequences, settings.request_timeout_s)
 
         limits = [("grpc.max_send_message_length", settings.max_message_bytes),
@@ -241,7 +242,7 @@ def _is_loopback(host: str) -> bool:
 
 
 async def _evict_forever(sequences: SequenceStore) -> None:
-    period = min(1.0, sequences.idle_timeout_s / 2)
+    period = min(1.0, sequences.shortest_idle_timeout_s / 2)
     while True:
         await asyncio.sleep(period)
         sequences.evict_idle()

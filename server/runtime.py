@@ -95,6 +95,9 @@ class ModelRuntime:
             self.state = [StatePair(s["input"], s["output"]) for s in contract.get("state", [])]
             self.bidirectional = contract.get("num_directions", 1) == 2
             self.parity_sample = contract.get("parity_sample")
+            if state and set(state) != set(self.state):  # config.pbtxt is the source, the contract a cross-check
+                raise ValueError(f"config.pbtxt sequence_batching.state pairs {describe_pairs(state)}, but the "
+                                 f"model's contract ({METADATA_KEY}) says {describe_pairs(self.state)}")
         elif state:
             self.state = list(state)
         self._check_state()
@@ -178,6 +181,11 @@ class ModelRuntime:
                 return (f"self-test output '{name}': max |diff| {diff:.3g} exceeds atol {atol:g} "
                         f"(shape {list(got[name].shape)}, expected {list(want.shape)})")
         return None
+
+
+def describe_pairs(pairs: list[StatePair]) -> str:
+    """State pairs for a message: [h0->hn, c0->cn]."""
+    return "[" + ", ".join(f"{p.input}->{p.output}" for p in pairs) + "]"
 
 
 def _ragged_source(path: Path) -> tuple[str | bytes, RaggedPlan | None]:

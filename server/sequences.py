@@ -28,9 +28,11 @@ class Sequence:
 class SequenceStore:
     """Sequences keyed by (model, sequence id); bounded in number and forgotten after an idle timeout."""
 
-    def __init__(self, max_sequences: int, idle_timeout_s: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, max_sequences: int, idle_timeout_s: float, clock: Callable[[], float] = time.monotonic,
+                 idle_timeouts: dict[str, float] | None = None):
         self.max_sequences = max_sequences
         self.idle_timeout_s = idle_timeout_s
+        self.idle_timeouts = dict(idle_timeouts or {})  # per model, from config.pbtxt; others use idle_timeout_s
         self._clock = clock
         self._live: dict[tuple[str, int | str], Sequence] = {}
 
@@ -66,11 +68,15 @@ class SequenceStore:
         if self._live.get(sequence.key) is sequence:
             del self._live[sequence.key]
 
+    @property
+    def shortest_idle_timeout_s(self) -> float:
+        return min([self.idle_timeout_s, *self.idle_timeouts.values()])
+
     def evict_idle(self) -> list[tuple[str, int | str]]:
-        """Forget sequences idle longer than the timeout (not one with a request running)."""
+        """Forget sequences idle longer than their model's timeout (not one with a request running)."""
         now = self._clock()
         stale = [k for k, s in self._live.items()
-                 if now - s.last_used > self.idle_timeout_s and not s.lock.locked()]
+                 if now - s.last_used > self.idle_timeouts.get(k[0], self.idle_timeout_s) and not s.lock.locked()]
         for key in stale:
             del self._live[key]
         if stale:

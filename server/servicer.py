@@ -19,9 +19,10 @@ log = logging.getLogger("lstm_onnx.server")
 
 SERVER_NAME = "lstm-onnx"
 SERVER_VERSION = "0.1.0"
-# Only what this server really does. Not "model_repository": RepositoryModelLoad/Unload are not implemented
-# (the repository is read once at start-up, like Triton's --model-control-mode none); RepositoryIndex is.
-EXTENSIONS = ["model_configuration", "statistics", "sequence", "streaming"]
+# Only what this server really does: model_configuration, statistics, sequences (with string ids, which
+# Triton's protocol docs name "sequence(string_id)"), streaming. Not "model_repository": RepositoryModelLoad/
+# Unload are not implemented (the repository is read once at start-up, like Triton's --model-control-mode none).
+EXTENSIONS = ["model_configuration", "statistics", "sequence", "sequence(string_id)", "streaming"]
 # Parameter of a stream's error response that carries the status a unary call would have had.
 STREAM_ERROR_CODE = "error_code"
 

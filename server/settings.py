@@ -43,7 +43,8 @@ class ServerSettings:
     max_queue_delay_us: int = _setting(500, "dynamic batching: longest wait for more requests while the model is "
                                        "busy, when config.pbtxt's dynamic_batching does not say; an idle model "
                                        "runs at once")
-    sequence_idle_timeout_s: float = _setting(60.0, "a sequence with no request for this long is forgotten")
+    sequence_idle_timeout_s: float = _setting(60.0, "a sequence with no request for this long is forgotten, when "
+                                              "config.pbtxt has no sequence_batching (its idle timeout wins)")
     max_sequences: int = _setting(1024, "most live sequences over all models; a new one beyond it is refused")
     request_timeout_s: float = _setting(60.0, "longest one request may spend in the server (queue and run) before it "
                                         "gets DEADLINE_EXCEEDED; 0 means no limit")

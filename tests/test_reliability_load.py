@@ -10,6 +10,7 @@ from reliability.faults import (
     inject_client_faults,
     resident_bytes,
     run_fragile_model,
+    set_sequence_idle,
     sigterm_under_load,
     write_fragile_model,
 )
@@ -50,6 +51,7 @@ def repository(tmp_path_factory, tiny_repository):
     repo = tmp_path_factory.mktemp("load") / "repo"
     shutil.copytree(tiny_repository, repo)
     write_fragile_model(repo)
+    set_sequence_idle(repo, 0.5)  # config.pbtxt's idle timeout wins over the server's setting
     return repo
 
 

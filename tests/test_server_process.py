@@ -126,7 +126,15 @@ def test_infer_and_stream_commands_print_outputs(tiny_repository, tmp_path):
         assert [c["steps"] for c in chunks] == [3, 3, 3, 1]
         np.testing.assert_allclose(np.array(chunks[-1]["outputs"]["output"]["data"]), whole_out, atol=1e-5)
         rand = cli("infer", "--url", url, "--model", "tiny_gru", "--random", "2,5")
-        assert rand.returncode == 0 and "output [2, 4] float32" in rand.stdout, rand.stderr
+        assert rand.returncode == 0, rand.stderr
+        rows = [line for line in rand.stdout.splitlines() if line.startswith("row ")]
+        assert len(rows) == 2 and all("probability" in r and "softmax over 4 logits" in r for r in rows), rand.stdout
+        text = cli("infer", "--url", url, "--model", "tiny_lstm", "--input", str(tmp_path / "x.npy"))
+        probs = np.exp(whole_out - whole_out.max()) / np.exp(whole_out - whole_out.max()).sum()
+        assert f"row 0: class {int(probs.argmax())}, probability {probs.max():.3f}" in text.stdout, text.stdout
+        assert "hn [1, 2, 8]" in text.stdout and "not shown" in text.stdout
+        streamed = cli("stream", "--url", url, "--model", "tiny_lstm", "--input", str(tmp_path / "x.npy"), "--chunk", "3")
+        assert "streamed in 4 chunks vs the whole sequence in one request: max |difference| output " in streamed.stdout
         bad = cli("infer", "--url", url, "--model", "nope", "--random", "2,5")
         assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr and len(bad.stderr.splitlines()) == 1
         usage = cli("infer", "--url", url, "--model", "tiny_gru", "--random", "2")

@@ -23,6 +23,12 @@ class ClientError(Exception):
         self.code = code
 
 
+def server_filled_inputs(config) -> set[str]:
+    """Inputs the server supplies itself: ones marked optional, and sequence_batching's implicit state."""
+    return ({t.name for t in config.input if t.optional}
+            | {s.input_name for s in config.sequence_batching.state})
+
+
 class InferenceClient:
     """Blocking client over one channel; use as a context manager."""
 
@@ -49,9 +55,8 @@ class InferenceClient:
         return self._call(self.stub.ModelMetadata, pb.ModelMetadataRequest(name=model, version=version))
 
     def optional_inputs(self, model: str) -> set[str]:
-        """Inputs the model's config marks optional (recurrent state the server fills with zeros)."""
-        config = self._call(self.stub.ModelConfig, pb.ModelConfigRequest(name=model)).config
-        return {tensor.name for tensor in config.input if tensor.optional}
+        """Inputs a client may leave out: recurrent state the server fills (see `server_filled_inputs`)."""
+        return server_filled_inputs(self._call(self.stub.ModelConfig, pb.ModelConfigRequest(name=model)).config)
 
     def task(self, model: str) -> str | None:
         """What the model's `output` holds (classification or regression), from config.pbtxt's parameters."""

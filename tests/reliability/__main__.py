@@ -23,6 +23,7 @@ from .faults import (
     inject_client_faults,
     resident_bytes,
     run_fragile_model,
+    set_sequence_idle,
     sigterm_under_load,
     write_fragile_model,
 )
@@ -104,6 +105,7 @@ def run(requests: int, clients: int, faults: int, bad: int, repository: Path | N
         repo = work / "served"
         shutil.copytree(source, repo)
         write_fragile_model(repo)
+        set_sequence_idle(repo, 1.0)  # abandoned sequences are freed within the settle time
         shape = shape_of_repository(repo, MODEL, MESSAGE_BYTES)
         model_path = repo / MODEL / "1" / "model.onnx"
         unary, sequences = build_cases(model_path, shape, 64, seed=0)

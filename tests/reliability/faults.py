@@ -125,6 +125,19 @@ def write_fragile_model(repository: Path, max_batch_size: int = 8) -> None:
         "dynamic_batching { max_queue_delay_microseconds: 2000 }\n")
 
 
+def set_sequence_idle(repository: Path, seconds: float) -> None:
+    """Give every model whose config.pbtxt has sequence_batching this idle timeout (it wins over the server's)."""
+    from google.protobuf import text_format
+
+    from lstm_onnx.protos import model_config_pb2 as mc
+
+    for path in repository.glob("*/config.pbtxt"):
+        config = text_format.Parse(path.read_text(), mc.ModelConfig())
+        if config.HasField("sequence_batching"):
+            config.sequence_batching.max_sequence_idle_microseconds = round(seconds * 1e6)
+            path.write_text(text_format.MessageToString(config))
+
+
 def fragile_request(x: np.ndarray, index: np.ndarray) -> pb.ModelInferRequest:
     return encode(FRAGILE, {"x": x.astype(np.float32), "index": index.astype(np.int64)})
 
