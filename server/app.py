@@ -111,6 +111,9 @@ async def start_server(settings: ServerSettings) -> RunningServer:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise StartupError(f"{problems[0]}{more}; --exit-on-error false serves the models that loaded")
         metrics = Metrics()
+        if any(v.runtime is not None and getattr(v.runtime, "provider", "cpu") == "cuda"
+               for e in repository.models.values() for v in e.versions.values()):
+            metrics.enable_gpu()
         sequences = SequenceStore(settings.max_sequences, settings.sequence_idle_timeout_s,
                                   idle_timeouts=repository.sequence_idle_timeouts())
         scheduler = Scheduler(repository, executor, metrics, sequences, settings.request_timeout_s)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .system_metrics import CpuCollector, GpuCollector
+
 log = logging.getLogger("lstm_onnx.server")
 
 
@@ -41,6 +43,14 @@ class Metrics:
         self._counters: dict[tuple[str, str], ModelCounters] = {}
         self.registry = CollectorRegistry(auto_describe=False)  # one per server: tests run several in a process
         self.registry.register(TritonCollector(self))
+        self.registry.register(CpuCollector())
+        self._gpu = False
+
+    def enable_gpu(self) -> None:
+        """Add Triton's GPU families (a model runs on CUDA)."""
+        if not self._gpu:
+            self._gpu = True
+            self.registry.register(GpuCollector())
 
     def counters(self, model: str, version: str) -> ModelCounters:
         with self._lock:
