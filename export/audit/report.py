@@ -9,7 +9,7 @@ import numpy as np
 
 from .findings import gate_stats
 from .gates import DISPLAY_ORDER, KINDS, LETTERS, PYTORCH_LETTERS, describe_layout, gate_digest
-from .result import Audit, GateTensor, Layer
+from .result import Audit, GateTensor, Layer, Quantization
 
 REPORT_FORMAT = "lstm-onnx-audit/1"
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
@@ -33,6 +33,31 @@ def _ordered_gates(layer: Layer) -> list[GateTensor]:
     """Kind first (W_i, W_f, W_c, W_o, then R, bW, bR, P), gates in the order a person asks about them."""
     order = DISPLAY_ORDER[layer.op]
     return sorted(layer.gates, key=lambda g: (layer.directions.index(g.direction), KINDS.index(g.kind), order.index(g.gate)))
+
+
+def _scale_text(values: np.ndarray) -> str:
+    lo, hi = float(np.min(values)), float(np.max(values))
+    return f"{lo:.4g}" if lo == hi else f"{lo:.4g}..{hi:.4g}"
+
+
+def _zero_text(values: np.ndarray) -> str:
+    lo, hi = int(np.min(values)), int(np.max(values))
+    return str(lo) if lo == hi else f"{lo}..{hi}"
+
+
+def quant_columns(q: Quantization | None) -> list[str]:
+    """Integer range, scale and zero point of one quantized tensor ("-" for a float one)."""
+    if q is None:
+        return ["-", "-", "-"]
+    lo, hi = q.q_range
+    return [f"{q.dtype} {lo}..{hi}", _scale_text(q.scale), _zero_text(q.zero_point)]
+
+
+def _quant_error(audit: Audit, key: str) -> list[str]:
+    err = (audit.quant_errors or {}).get(key)
+    if err is None:
+        return ["-", "-", "-"]
+    return [f"{err['max_abs']:.2e}", f"{err['relative']:.2e}", f"{err['bound_share']:.2f}"]
 
 
 def _trained(audit: Audit, key: str) -> str:
@@ -77,9 +102,16 @@ def format_text(audit: Audit) -> str:
             if audit.checkpoint is not None:
                 rows[-1].append(_trained(audit, t.name))
         extra = ["trained"] if audit.checkpoint is not None else []
+        if any(t.quant is not None for t in audit.head):
+            extra += ["integers", "scale", "zero point"]
+            for row, t in zip(rows, audit.head):
+                row += quant_columns(t.quant)
         lines += _table(["tensor", "shape", "params", "mean", "std", "min", "max", "used by"] + extra, rows)
     else:
         lines.append("  none")
+    if audit.not_counted:
+        lines.append("  not parameters (the counting rule of docs/contract.md):")
+        lines += [f"    {name}: {why}" for name, why in audit.not_counted]
     per_layer = ", ".join(f"{x.label} {x.params}" for x in audit.layers)
     total = (f"parameters: recurrent {audit.recurrent_params} ({per_layer or 'none'}) + other {audit.head_params} "
              f"= {audit.total_params}")
@@ -112,16 +144,21 @@ def _describe_stacking(audit: Audit) -> list[str]:
 
 
 def _layer_lines(audit: Audit, layer: Layer) -> list[str]:
-    head = (f"{layer.label}  {layer.op} '{layer.node}'  direction {layer.direction}  hidden {layer.hidden_size}  "
+    op = f"{layer.op} ({layer.op_type}, integer weights)" if layer.op_type else layer.op
+    head = (f"{layer.label}  {op} '{layer.node}'  direction {layer.direction}  hidden {layer.hidden_size}  "
             f"input {layer.input_size if layer.input_size is not None else '?'}  params {layer.params}")
     srcs = "  ".join(f"{r} '{s}'" for r, s in layer.sources.items() if s)
     attrs = ", ".join(f"{k}={v}" for k, v in sorted(layer.attributes.items()) if k not in ("hidden_size", "direction"))
     lines = [head, f"  inputs: {srcs or 'none resolved'}"]
     if attrs:
         lines.append(f"  attributes: {attrs}")
+    for role, path in layer.paths.items():
+        lines.append(f"  folded {role}: {path}")
     if not layer.gates:
         return lines + ["  (weights could not be resolved; see findings)"]
     with_ckpt = audit.checkpoint is not None
+    quantized = any(g.quant is not None for g in layer.gates)
+    with_error = audit.quant_errors is not None and quantized
     rows = []
     for g in _ordered_gates(layer):
         s = gate_stats(g.array)
@@ -131,11 +168,19 @@ def _layer_lines(audit: Audit, layer: Layer) -> list[str]:
             info = audit.checkpoint.get(g.key)
             row.append("-" if info is None else info["pytorch"] + (" ==" if info["identical"] else " DIFFERS"))
             row.append(_trained(audit, g.key))
+        if quantized:
+            row += quant_columns(g.quant)
+        if with_error:
+            row += _quant_error(audit, g.key)
         rows.append(row)
     headers = ["dir", "gate", "tensor", "shape", "params", "mean", "std", "min", "max", "onnx slice"]
     if with_ckpt:
         headers += [f"pytorch ({', '.join(PYTORCH_LETTERS[layer.op][x] for x in PYTORCH_LETTERS[layer.op])} rows)",
                     "trained"]
+    if quantized:
+        headers += ["integers", "scale", "zero point"]
+    if with_error:
+        headers += ["quant err", "relative", "of scale/2"]
     return lines + _table(headers, rows)
 
 
