@@ -60,6 +60,12 @@ def _quant_error(audit: Audit, key: str) -> list[str]:
     return [f"{err['max_abs']:.2e}", f"{err['relative']:.2e}", f"{err['bound_share']:.2f}"]
 
 
+def _same_text(info: dict[str, Any]) -> str:
+    if info["identical"]:
+        return " =="
+    return " ~= (within scale/2)" if info.get("within_scale_half") else " DIFFERS"
+
+
 def _trained(audit: Audit, key: str) -> str:
     info = (audit.checkpoint or {}).get(key)
     if info is None or info["change"] is None:
@@ -112,6 +118,8 @@ def format_text(audit: Audit) -> str:
     if audit.not_counted:
         lines.append("  not parameters (the counting rule of docs/contract.md):")
         lines += [f"    {name}: {why}" for name, why in audit.not_counted]
+    if audit.against is not None:
+        lines += [""] + against_lines(audit)
     per_layer = ", ".join(f"{x.label} {x.params}" for x in audit.layers)
     total = (f"parameters: recurrent {audit.recurrent_params} ({per_layer or 'none'}) + other {audit.head_params} "
              f"= {audit.total_params}")
@@ -124,6 +132,27 @@ def format_text(audit: Audit) -> str:
     for f in sorted(audit.findings, key=lambda f: SEVERITY_ORDER[f.severity]):
         lines.append(f"  {f.severity.upper():<8} {f.code:<20} {f.message}")
     return "\n".join(lines) + "\n"
+
+
+def against_lines(audit: Audit) -> list[str]:
+    """The --against section: structure, then one row per gate tensor with its status and change."""
+    lines = [f"Against {audit.against_path}:"]
+    lines += [f"  structure: {d}" for d in audit.structure] or ["  structure: same (layers, cell, hidden size, "
+                                                                "directions, input size, head)"]
+    rows = []
+    for key, e in audit.against.items():
+        shown = [key, e["status"]]
+        if "max_abs" in e:
+            shown += [f"{e['max_abs']:.3e}", f"{e['relative']:.3e}"]
+            shown.append(f"{e['bound_share']:.2f}" if "bound_share" in e else "-")
+        else:
+            shown += ["-", "-", "-"]
+        rows.append(shown)
+    counts: dict[str, int] = {}
+    for e in audit.against.values():
+        counts[e["status"]] = counts.get(e["status"], 0) + 1
+    lines.append("  " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    return lines + _table(["tensor", "status", "max abs", "relative", "of scale/2"], rows)
 
 
 def _describe_stacking(audit: Audit) -> list[str]:
@@ -166,7 +195,7 @@ def _layer_lines(audit: Audit, layer: Layer) -> list[str]:
                _num(s["mean"]), _num(s["std"]), _num(s["min"]), _num(s["max"]), f"{g.source}{g.index}"]
         if with_ckpt:
             info = audit.checkpoint.get(g.key)
-            row.append("-" if info is None else info["pytorch"] + (" ==" if info["identical"] else " DIFFERS"))
+            row.append("-" if info is None else info["pytorch"] + _same_text(info))
             row.append(_trained(audit, g.key))
         if quantized:
             row += quant_columns(g.quant)
@@ -196,12 +225,15 @@ def to_json(audit: Audit) -> dict[str, Any]:
         entry = {"key": g.key, "layer": g.layer, "direction": g.direction, "gate": g.gate, "kind": g.kind,
                  "shape": list(g.array.shape), "params": g.params, "source": g.source, "slice": g.index,
                  "sha256": gate_digest(g.array), "stats": {k: _clean(v) for k, v in gate_stats(g.array).items()}}
+        if g.quant is not None:
+            entry["quantization"] = quant_json(g.quant)
         if audit.checkpoint is not None:
             entry["checkpoint"] = audit.checkpoint.get(g.key)
         return entry
 
     layers = [{
-        "index": x.index, "node": x.node, "op": x.op, "hidden_size": x.hidden_size, "input_size": x.input_size,
+        "index": x.index, "node": x.node, "op": x.op, "op_type": x.op_type or x.op, "paths": x.paths,
+        "hidden_size": x.hidden_size, "input_size": x.input_size,
         "direction": x.direction, "attributes": x.attributes, "inputs": x.sources, "reads": x.reads,
         "params": x.params, "gates": [gate_entry(g) for g in _ordered_gates(x)],
     } for x in audit.layers]
@@ -213,12 +245,23 @@ def to_json(audit: Audit) -> dict[str, Any]:
         "format": REPORT_FORMAT, "model": audit.path, "producer": audit.producer,
         "contract": {k: v for k, v in (audit.contract or {}).items() if k not in ("parity_sample", "gate_digests")} or None,
         "layers": layers, "head": head,
+        "against": None if audit.against is None else {"model": audit.against_path, "structure": audit.structure,
+                                                       "tensors": audit.against},
+        "quantization_errors": audit.quant_errors,
+        "not_counted": [{"name": n, "why": w} for n, w in audit.not_counted],
         "totals": {"recurrent": audit.recurrent_params, "head": audit.head_params, "total": audit.total_params,
                    "checkpoint": audit.checkpoint_params},
         "findings": [{"code": f.code, "severity": f.severity, "message": f.message, "tensors": f.tensors}
                      for f in audit.findings],
         "ok": not audit.errors,
     }
+
+
+def quant_json(q: Quantization) -> dict[str, Any]:
+    lo, hi = q.q_range
+    return {"dtype": q.dtype, "per_channel": q.per_channel, "integer_range": [lo, hi],
+            "scale": [float(np.min(q.scale)), float(np.max(q.scale))],
+            "zero_point": [int(np.min(q.zero_point)), int(np.max(q.zero_point))], "tensors": list(q.tensors)}
 
 
 def write_npz(audit: Audit, path: str | os.PathLike) -> int:
