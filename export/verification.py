@@ -17,7 +17,8 @@ def verify_model(model_path: str | Path, run_dir: str | Path, provider: str = "a
     """Compare PyTorch eager (from the run directory) with onnxruntime on the chosen providers.
 
     Also checks that the ONNX graph has one explicit recurrent node per layer and that the
-    checkpoint digest recorded at export is the digest of this run's weights.
+    checkpoint digest recorded at export is the digest of this run's weights. An int8 model (its
+    contract has `quantization`) is compared within the budget recorded there instead of atol/rtol.
     """
     from lstm_onnx.model.checkpoint import load_run
 
@@ -47,8 +48,21 @@ def verify_model(model_path: str | Path, run_dir: str | Path, provider: str = "a
         checks.append({"check": "checkpoint_digest", "passed": same,
                        "message": None if same else f"model records {contract.get('checkpoint_digest')}, run has {digest}"})
 
+    quantization = (contract or {}).get("quantization")
+    if isinstance(quantization, dict) and isinstance(quantization.get("budget"), dict):
+        # An int8 model is held to the parity budget recorded at export (export/quantization.py), not FP32's.
+        atol = float(quantization["budget"].get("atol", atol))
+        rtol = float(quantization["budget"].get("rtol", rtol))
+        floor_factor = 0.0
+        by_kind = {str(k): float(v) for k, v in (quantization["budget"].get("atol_by_kind") or {}).items()}
+        checks.append({"check": "int8_budget", "passed": None,
+                       "message": f"int8 model: parity against PyTorch FP32 within the recorded budget atol {atol:g}, "
+                       f"rtol {rtol:g}" + "".join(f", {k} inputs atol {v:g}" for k, v in by_kind.items())})
+    else:
+        by_kind = None
     providers = resolve_providers(provider)
-    parity = run_parity(net, model_path, providers, atol=atol, rtol=rtol, floor_factor=floor_factor)
+    parity = run_parity(net, model_path, providers, atol=atol, rtol=rtol, floor_factor=floor_factor,
+                        atol_by_kind=by_kind)
     checks.append({"check": "parity", "passed": parity["passed"]})
     passed = all(c["passed"] is not False for c in checks)
     return {

@@ -41,12 +41,20 @@ def _bits(a: np.ndarray) -> bytes:
     return np.ascontiguousarray(a, "<f4").tobytes()
 
 
+def float_reference(new: GateTensor | HeadTensor, old: np.ndarray) -> np.ndarray:
+    """The float original in the integer tensor's layout (a head quantized from Gemm transB=1 is transposed)."""
+    if isinstance(new, HeadTensor) and new.transposed and old.shape == new.array.shape[::-1]:
+        return old.T
+    return old
+
+
 def _entry(new: GateTensor | HeadTensor, old: GateTensor | HeadTensor) -> dict[str, Any]:
-    if new.array.shape != old.array.shape:
+    ref = float_reference(new, old.array)
+    if new.array.shape != ref.shape:
         return {"status": "reshaped", "shape": list(new.array.shape), "old_shape": list(old.array.shape)}
-    if _bits(new.array) == _bits(old.array):
-        return {"status": "identical", "max_abs": 0.0, "relative": 0.0}
-    err = quant_error(new, old.array)
+    err = quant_error(new, ref)
+    if _bits(new.array) == _bits(ref):
+        return {"status": "identical", **err}  # an integer gate can land exactly on the float values
     status = "changed"
     if new.quant is not None and old.quant is None and err["bound_share"] <= 1 + BOUND_SLACK:
         status = "quantized"  # rounded to the integer grid, and no further
@@ -74,7 +82,7 @@ def compare_models(new: Audit, old: Audit, fail_on_change: bool = False) -> None
         new.against[key] = {"status": "removed"}
     old_head = {t.name: t for t in old.head}
     for t in new.head:
-        before = old_head.get(t.name) or old_head.get(_float_name(t.name))
+        before = old_head.get(t.name) or old_head.get(t.origin)
         new.against[t.name] = {"status": "added"} if before is None else _entry(t, before)
         if t.quant is not None and before is not None and before.quant is None and "max_abs" in new.against[t.name]:
             e = new.against[t.name]
@@ -82,11 +90,6 @@ def compare_models(new: Audit, old: Audit, fail_on_change: bool = False) -> None
     if quant:
         new.quant_errors = {**(new.quant_errors or {}), **quant}
     _add_findings(new, fail_on_change)
-
-
-def _float_name(name: str) -> str:
-    """onnxruntime's quantizer names an integer weight `<float name>_quantized`."""
-    return name[: -len("_quantized")] if name.endswith("_quantized") else name
 
 
 def _structure(new: Audit, old: Audit) -> list[str]:
@@ -102,12 +105,12 @@ def _structure(new: Audit, old: Audit) -> list[str]:
     old_head = {t.name: t for t in old.head}
     new_names = {t.name for t in new.head}
     for t in new.head:
-        before = old_head.get(t.name) or old_head.get(_float_name(t.name))
+        before = old_head.get(t.name) or old_head.get(t.origin)
         if before is None:
             diffs.append(f"head tensor added: {t.name} {list(t.array.shape)}")
-        elif before.array.shape != t.array.shape:
+        elif float_reference(t, before.array).shape != t.array.shape:
             diffs.append(f"head tensor {t.name}: shape {list(before.array.shape)} -> {list(t.array.shape)}")
-    matched = {(_float_name(n)) for n in new_names} | new_names
+    matched = {t.origin for t in new.head if t.origin} | new_names
     for name, t in old_head.items():
         if name not in matched:
             diffs.append(f"head tensor removed: {name} {list(t.array.shape)}")

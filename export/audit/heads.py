@@ -118,7 +118,10 @@ def _quantized_weight(audit: Audit, index: Any, node: onnx.NodeProto, slots: tup
         audit.add("MALFORMED_NODE", "error", f"{where}: {exc}", [b])
         return None
     claimed.update(x for x in (b, scale, zp) if x)
-    return HeadTensor(b, value, _consumers(index, b), quant)
+    origin = b[: -len("_quantized")] if b.endswith("_quantized") else b
+    transposed = origin.endswith("_Transposed")  # quantize_dynamic's name for a Gemm(transB=1) weight
+    origin = origin[: -len("_Transposed")] if transposed else origin
+    return HeadTensor(b, value, _consumers(index, b), quant, origin, transposed)
 
 
 def _matmul_integer_scale(index: Any, node: onnx.NodeProto, b: str) -> str | None:

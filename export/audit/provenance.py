@@ -9,7 +9,7 @@ import numpy as np
 
 from lstm_onnx.contract import CELL_OPS, INIT_FILE, WEIGHTS_FILE, RunDirectoryError, file_digest, read_run_config
 
-from .comparison import BOUND_SLACK, quant_error
+from .comparison import BOUND_SLACK, float_reference, quant_error
 from .gates import pytorch_source
 from .result import Audit, AuditInputError
 
@@ -136,7 +136,16 @@ def _compare_head(audit: Audit, weights: dict, init: dict | None) -> None:
         if name.startswith("rnn."):
             continue
         head = next((t for t in audit.head if t.name == name), None)
-        if head is not None:
+        quantized = next((t for t in audit.head if t.quant is not None and t.origin == name), None)
+        if quantized is not None:
+            # An integer head weight: within scale/2 of the parameter, in the layout the quantizer stored it.
+            ref = float_reference(quantized, param)
+            identical = ref.shape == quantized.array.shape and quant_error(quantized, ref)["bound_share"] <= 1 + BOUND_SLACK
+            if identical:
+                audit.quant_errors = audit.quant_errors or {}
+                audit.quant_errors.setdefault(quantized.name, quant_error(quantized, ref))
+            onnx_name = quantized.name
+        elif head is not None:
             identical = head.array.shape == param.shape and _bits(head.array) == _bits(param)
             onnx_name = name
         else:

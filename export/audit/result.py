@@ -107,6 +107,8 @@ class HeadTensor:
     array: np.ndarray
     consumers: list[str]
     quant: Quantization | None = None
+    origin: str = ""  # for an integer weight: the float tensor it was quantized from, by the quantizer's naming
+    transposed: bool = False  # stored transposed against `origin` (onnxruntime turns Gemm transB=1 into MatMul)
 
     @property
     def params(self) -> int:
