@@ -75,6 +75,8 @@ def compare_models(new: Audit, old: Audit, fail_on_change: bool = False) -> None
                 new.against[g.key] = {"status": "added"}
                 continue
             new.against[g.key] = entry = _entry(g, before)
+            if before.array.shape == g.array.shape:
+                new.old_arrays[g.key] = before.array
             if g.quant is not None and before.quant is None and "max_abs" in entry:
                 quant[g.key] = {k: entry[k] for k in ("max_abs", "relative", "bound_share", "scale_half")}
     new_keys = {g.key for layer in new.layers for g in layer.gates}

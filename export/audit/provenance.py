@@ -116,6 +116,7 @@ def _compare_gates(audit: Audit, op: str, weights: dict, init: dict | None) -> N
             change = None
             if init is not None and name in init and init[name].shape[0] >= rows.stop:
                 change = _relative_change(g.array, init[name][rows])
+                audit.init_arrays[g.key] = init[name][rows]
             audit.checkpoint[g.key] = {"pytorch": label, "identical": identical, "change": change}
             if g.quant is not None:
                 audit.checkpoint[g.key]["within_scale_half"] = within

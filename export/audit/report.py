@@ -99,37 +99,16 @@ def format_text(audit: Audit) -> str:
     for layer in audit.layers:
         lines += [""] + _layer_lines(audit, layer)
     lines += ["", "Other parameters (the head and anything outside the recurrent nodes):"]
-    if audit.head:
-        rows = []
-        for t in audit.head:
-            s = gate_stats(t.array)
-            rows.append([t.name, _shape(t.array.shape), str(t.params), _num(s["mean"]), _num(s["std"]),
-                         _num(s["min"]), _num(s["max"]), ", ".join(t.consumers) or "-"])
-            if audit.checkpoint is not None:
-                rows[-1].append(_trained(audit, t.name))
-        extra = ["trained"] if audit.checkpoint is not None else []
-        if any(t.quant is not None for t in audit.head):
-            extra += ["integers", "scale", "zero point"]
-            for row, t in zip(rows, audit.head):
-                row += quant_columns(t.quant)
-        lines += _table(["tensor", "shape", "params", "mean", "std", "min", "max", "used by"] + extra, rows)
-    else:
-        lines.append("  none")
+    lines += _table(*head_table(audit)) if audit.head else ["  none"]
     if audit.not_counted:
         lines.append("  not parameters (the counting rule of docs/contract.md):")
         lines += [f"    {name}: {why}" for name, why in audit.not_counted]
     if audit.against is not None:
         lines += [""] + against_lines(audit)
-    per_layer = ", ".join(f"{x.label} {x.params}" for x in audit.layers)
-    total = (f"parameters: recurrent {audit.recurrent_params} ({per_layer or 'none'}) + other {audit.head_params} "
-             f"= {audit.total_params}")
-    if audit.checkpoint_params is not None:
-        same = "matches" if audit.checkpoint_params == audit.total_params else "DIFFERS"
-        total += f"; checkpoint state dict {audit.checkpoint_params} ({same})"
-    lines += ["", total]
+    lines += ["", parameter_totals(audit)]
     counts = {s: sum(f.severity == s for f in audit.findings) for s in SEVERITY_ORDER}
     lines += ["", f"findings: {counts['error']} error(s), {counts['warning']} warning(s), {counts['info']} info"]
-    for f in sorted(audit.findings, key=lambda f: SEVERITY_ORDER[f.severity]):
+    for f in sorted_findings(audit):
         lines.append(f"  {f.severity.upper():<8} {f.code:<20} {f.message}")
     return "\n".join(lines) + "\n"
 
@@ -139,20 +118,11 @@ def against_lines(audit: Audit) -> list[str]:
     lines = [f"Against {audit.against_path}:"]
     lines += [f"  structure: {d}" for d in audit.structure] or ["  structure: same (layers, cell, hidden size, "
                                                                 "directions, input size, head)"]
-    rows = []
-    for key, e in audit.against.items():
-        shown = [key, e["status"]]
-        if "max_abs" in e:
-            shown += [f"{e['max_abs']:.3e}", f"{e['relative']:.3e}"]
-            shown.append(f"{e['bound_share']:.2f}" if "bound_share" in e else "-")
-        else:
-            shown += ["-", "-", "-"]
-        rows.append(shown)
     counts: dict[str, int] = {}
     for e in audit.against.values():
         counts[e["status"]] = counts.get(e["status"], 0) + 1
     lines.append("  " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    return lines + _table(["tensor", "status", "max abs", "relative", "of scale/2"], rows)
+    return lines + _table(*against_table(audit))
 
 
 def _describe_stacking(audit: Audit) -> list[str]:
@@ -172,19 +142,25 @@ def _describe_stacking(audit: Audit) -> list[str]:
             "previous layer's output Y directly (only reshaping ops in between)."]
 
 
-def _layer_lines(audit: Audit, layer: Layer) -> list[str]:
+def layer_heading(layer: Layer) -> str:
     op = f"{layer.op} ({layer.op_type}, integer weights)" if layer.op_type else layer.op
-    head = (f"{layer.label}  {op} '{layer.node}'  direction {layer.direction}  hidden {layer.hidden_size}  "
+    return (f"{layer.label}  {op} '{layer.node}'  direction {layer.direction}  hidden {layer.hidden_size}  "
             f"input {layer.input_size if layer.input_size is not None else '?'}  params {layer.params}")
+
+
+def layer_notes(layer: Layer) -> list[str]:
+    """Inputs, attributes and folded paths of one layer, one line each."""
     srcs = "  ".join(f"{r} '{s}'" for r, s in layer.sources.items() if s)
     attrs = ", ".join(f"{k}={v}" for k, v in sorted(layer.attributes.items()) if k not in ("hidden_size", "direction"))
-    lines = [head, f"  inputs: {srcs or 'none resolved'}"]
+    lines = [f"inputs: {srcs or 'none resolved'}"]
     if attrs:
-        lines.append(f"  attributes: {attrs}")
-    for role, path in layer.paths.items():
-        lines.append(f"  folded {role}: {path}")
-    if not layer.gates:
-        return lines + ["  (weights could not be resolved; see findings)"]
+        lines.append(f"attributes: {attrs}")
+    lines += [f"folded {role}: {path}" for role, path in layer.paths.items()]
+    return lines
+
+
+def layer_table(audit: Audit, layer: Layer) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of one layer's gate table (the text and HTML reports show the same)."""
     with_ckpt = audit.checkpoint is not None
     quantized = any(g.quant is not None for g in layer.gates)
     with_error = audit.quant_errors is not None and quantized
@@ -210,7 +186,58 @@ def _layer_lines(audit: Audit, layer: Layer) -> list[str]:
         headers += ["integers", "scale", "zero point"]
     if with_error:
         headers += ["quant err", "relative", "of scale/2"]
-    return lines + _table(headers, rows)
+    return headers, rows
+
+
+def head_table(audit: Audit) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the other-parameters table."""
+    rows = []
+    for t in audit.head:
+        s = gate_stats(t.array)
+        rows.append([t.name, _shape(t.array.shape), str(t.params), _num(s["mean"]), _num(s["std"]),
+                     _num(s["min"]), _num(s["max"]), ", ".join(t.consumers) or "-"])
+        if audit.checkpoint is not None:
+            rows[-1].append(_trained(audit, t.name))
+    extra = ["trained"] if audit.checkpoint is not None else []
+    if any(t.quant is not None for t in audit.head):
+        extra += ["integers", "scale", "zero point"]
+        for row, t in zip(rows, audit.head):
+            row += quant_columns(t.quant)
+    return ["tensor", "shape", "params", "mean", "std", "min", "max", "used by"] + extra, rows
+
+
+def against_table(audit: Audit) -> tuple[list[str], list[list[str]]]:
+    rows = []
+    for key, e in (audit.against or {}).items():
+        shown = [key, e["status"]]
+        if "max_abs" in e:
+            shown += [f"{e['max_abs']:.3e}", f"{e['relative']:.3e}"]
+            shown.append(f"{e['bound_share']:.2f}" if "bound_share" in e else "-")
+        else:
+            shown += ["-", "-", "-"]
+        rows.append(shown)
+    return ["tensor", "status", "max abs", "relative", "of scale/2"], rows
+
+
+def parameter_totals(audit: Audit) -> str:
+    per_layer = ", ".join(f"{x.label} {x.params}" for x in audit.layers)
+    total = (f"parameters: recurrent {audit.recurrent_params} ({per_layer or 'none'}) + other {audit.head_params} "
+             f"= {audit.total_params}")
+    if audit.checkpoint_params is not None:
+        same = "matches" if audit.checkpoint_params == audit.total_params else "DIFFERS"
+        total += f"; checkpoint state dict {audit.checkpoint_params} ({same})"
+    return total
+
+
+def sorted_findings(audit: Audit) -> list:
+    return sorted(audit.findings, key=lambda f: SEVERITY_ORDER[f.severity])
+
+
+def _layer_lines(audit: Audit, layer: Layer) -> list[str]:
+    lines = [layer_heading(layer)] + ["  " + n for n in layer_notes(layer)]
+    if not layer.gates:
+        return lines + ["  (weights could not be resolved; see findings)"]
+    return lines + _table(*layer_table(audit, layer))
 
 
 def _clean(x: Any) -> Any:

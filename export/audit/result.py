@@ -136,6 +136,10 @@ class Audit:
     structure: list[str] = field(default_factory=list)  # structural differences found by --against
     # key -> quantization error of an integer gate against its float original (--against FLOAT or --checkpoint)
     quant_errors: dict[str, dict[str, float]] | None = None
+    # gate key -> the same slice at init (--checkpoint with init.safetensors) and in the old model (--against),
+    # for the HTML report's change heatmaps
+    init_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    old_arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def recurrent_params(self) -> int:
