@@ -344,3 +344,65 @@ def test_audit_flags_dynamo_export_of_lstm_with_proj_size(tmp_path):
     assert audit.total_params < sum(p.numel() for p in net.parameters())  # the projection was dropped
     proc = run_cli("audit", str(path))
     assert proc.returncode == 1 and "MALFORMED_NODE" in proc.stderr
+
+
+# --- hostile or broken files: a finding, never a traceback ------------------------------------------------
+
+
+def _quantized_lstm(w_q, w_scale, w_zp):
+    h = 2
+    r_q = np.zeros((1, h, 4 * h), np.int8)
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w_q, "Wq"), (r_q, "Rq"), (w_scale, "Ws"), (w_zp, "Wz"),
+                                                        (np.ones(1, np.float32), "Rs"), (np.zeros(1, np.int8), "Rz"))]
+    node = helper.make_node("DynamicQuantizeLSTM", ["X", "Wq", "Rq", "", "", "", "", "", "Ws", "Wz", "Rs", "Rz"], ["Y"],
+                            hidden_size=h, domain="com.microsoft", name="qlstm")
+    graph = helper.make_graph([node], "q", [vi("X", TensorProto.FLOAT, [3, 1, 1])], [vi("Y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("float_weight", "expected int8 or uint8"),
+    ("scale_shape", "expected [1] (per tensor) or [1, 8] (per channel)"),
+    ("zero_point_shape", "like its scale"),
+])
+def test_malformed_quantized_lstm_is_a_finding_not_a_traceback(tmp_path, case, expected):
+    w_q, w_scale, w_zp = np.ones((1, 1, 8), np.int8), np.ones(1, np.float32), np.zeros(1, np.int8)
+    if case == "float_weight":
+        w_q = w_q.astype(np.float32)
+    elif case == "scale_shape":
+        w_scale = np.ones((1, 3), np.float32)
+    else:
+        w_zp = np.zeros((1, 8), np.int8)
+    path = save(_quantized_lstm(w_q, w_scale, w_zp), tmp_path / f"{case}.onnx")
+    proc = run_cli("audit", str(path))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "MALFORMED_NODE" in proc.stdout and expected in proc.stdout
+
+
+def test_folding_bounds_what_a_hostile_graph_can_allocate(tmp_path):
+    """Elementwise broadcasting, Concat and Gather could each make a huge tensor from small constants."""
+    big = np.zeros((1 << 13, 1), np.float32)
+    cases = {
+        "broadcast": ([helper.make_node("Add", ["col", "row"], ["W"])],
+                      [numpy_helper.from_array(np.zeros((1 << 14, 1), np.float32), "col"),
+                       numpy_helper.from_array(big.reshape(1, -1), "row")]),  # 2^27 elements from 24k
+        "gather": ([helper.make_node("Gather", ["vec", "idx"], ["W"], axis=0)],
+                   [numpy_helper.from_array(np.zeros((2, 1 << 14), np.float32), "vec"),
+                    numpy_helper.from_array(np.zeros(1 << 13, np.int64), "idx")]),
+    }
+    for name, (nodes, inits) in cases.items():
+        path = save(_one_lstm_with_w(nodes, inits)[0], tmp_path / f"{name}.onnx")
+        proc = run_cli("audit", str(path))
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, (name, proc.stderr[-500:])
+        assert "UNRESOLVED_WEIGHT" in proc.stdout and "elements" in proc.stdout, name
+
+
+def test_a_cycle_among_constants_is_a_finding(tmp_path):
+    nodes = [helper.make_node("Identity", ["b"], ["a"]), helper.make_node("Neg", ["a"], ["b"]),
+             helper.make_node("Identity", ["a"], ["W"])]
+    model = _one_lstm_with_w(nodes)[0]
+    path = tmp_path / "cycle.onnx"
+    path.write_bytes(model.SerializeToString())  # onnx.checker would refuse it; a hostile file need not pass it
+    proc = run_cli("audit", str(path))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "UNRESOLVED_WEIGHT" in proc.stdout

@@ -21,6 +21,7 @@ FOLDABLE_OPS = frozenset({
 })
 MAX_NODES = 512  # an unfolded TorchScript LSTM layer needs ~40
 MAX_ELEMENTS = 1 << 26  # per tensor (256 MiB of float32): larger than any recurrent weight we expect
+MAX_TOTAL_BYTES = 1 << 30  # all values of one folded subgraph together
 
 
 class FoldError(ValueError):
@@ -74,6 +75,7 @@ def fold_constant(index: Any, name: str, opset: int) -> Folded | None:
 
     values: dict[str, np.ndarray] = {}
     leaves: list[str] = []
+    held = 0
     for node in nodes:
         feeds = {}
         for value in node.input:
@@ -95,30 +97,56 @@ def fold_constant(index: Any, name: str, opset: int) -> Folded | None:
                 raise FoldError(f"folding {node.op_type} '{node.name}': output '{out}' has {array.size} elements, "
                                 f"more than the {MAX_ELEMENTS} the audit folds")
             values[out] = array
+            held += array.nbytes
+            if held > MAX_TOTAL_BYTES:
+                raise FoldError(f"folding '{name}': its subgraph holds more than {MAX_TOTAL_BYTES} bytes of values")
             if node.op_type == "Constant" and np.issubdtype(array.dtype, np.floating):
                 leaves.append(out)
     return Folded(values[name], leaves, _describe(nodes, leaves))
 
 
 def _check_output_size(node: onnx.NodeProto, feeds: dict[str, np.ndarray]) -> None:
-    """Refuse ops whose output size is set by a constant shape before they allocate it."""
-    if node.op_type in ("Expand", "ConstantOfShape", "Tile"):
-        shape_input = {"Expand": 1, "ConstantOfShape": 0, "Tile": 1}[node.op_type]
-        data = None if node.op_type == "ConstantOfShape" else feeds.get(node.input[0])
-        shape = feeds.get(node.input[shape_input]) if len(node.input) > shape_input else None
-        if shape is None:
-            return
-        dims = [int(d) for d in np.asarray(shape).reshape(-1)]
-        if node.op_type == "Tile" and data is not None:
-            dims = [int(a) * b for a, b in zip(data.shape, dims)]
-        elif node.op_type == "Expand" and data is not None:
-            dims = list(np.broadcast_shapes(tuple(max(d, 1) for d in dims), data.shape))
-        count = 1
-        for d in dims:
-            count *= max(d, 0)
-        if count > MAX_ELEMENTS:
-            raise FoldError(f"folding {node.op_type} '{node.name}': would make {count} elements, "
-                            f"more than the {MAX_ELEMENTS} the audit folds")
+    """Refuse a node whose output would exceed MAX_ELEMENTS, before the evaluator allocates it.
+
+    Sizes come from the constant inputs: the shape operand of Expand/Tile/ConstantOfShape, the sum of
+    Concat's inputs, Gather's indices, and the broadcast shape of elementwise ops. Other allow-listed ops
+    (Reshape, Transpose, Slice, Cast, ...) never produce more elements than they read.
+    """
+    inputs = [feeds.get(v) for v in node.input]
+    count = 0
+    try:
+        if node.op_type in ("Expand", "ConstantOfShape", "Tile"):
+            shape_at = 0 if node.op_type == "ConstantOfShape" else 1
+            data = None if node.op_type == "ConstantOfShape" else inputs[0]
+            if len(inputs) <= shape_at or inputs[shape_at] is None:
+                return
+            dims = [int(d) for d in np.asarray(inputs[shape_at]).reshape(-1)]
+            if node.op_type == "Tile" and data is not None:
+                dims = [int(a) * b for a, b in zip(data.shape, dims)]
+            elif node.op_type == "Expand" and data is not None:
+                dims = list(np.broadcast_shapes(tuple(max(d, 1) for d in dims), data.shape))
+            count = _product(dims)
+        elif node.op_type == "Concat":
+            count = sum(int(a.size) for a in inputs if a is not None)
+        elif node.op_type == "Gather" and len(inputs) > 1 and inputs[0] is not None and inputs[1] is not None:
+            data = inputs[0]
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            along = data.shape[axis] if data.ndim and -data.ndim <= axis < data.ndim else 1
+            count = int(inputs[1].size) * (int(data.size) // max(int(along), 1))
+        elif node.op_type in ("Add", "Sub", "Mul", "Div"):
+            count = _product(np.broadcast_shapes(*(a.shape for a in inputs if a is not None)))
+    except (ValueError, TypeError, OverflowError) as exc:  # shapes that cannot broadcast: the evaluator would fail too
+        raise FoldError(f"folding {node.op_type} '{node.name}': {exc}") from None
+    if count > MAX_ELEMENTS:
+        raise FoldError(f"folding {node.op_type} '{node.name}': would make {count} elements, "
+                        f"more than the {MAX_ELEMENTS} the audit folds")
+
+
+def _product(dims) -> int:
+    count = 1
+    for d in dims:
+        count *= max(int(d), 0)
+    return count
 
 
 def _describe(nodes: list[onnx.NodeProto], leaves: list[str]) -> str:
