@@ -406,3 +406,23 @@ def test_a_cycle_among_constants_is_a_finding(tmp_path):
     proc = run_cli("audit", str(path))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "UNRESOLVED_WEIGHT" in proc.stdout
+
+
+def test_audit_reads_fp16_weights_exactly(tmp_path):
+    """A float16 model (as fp16 converters write it: fp16 initializers, Cast at the float32 input)."""
+    h, f = 3, 2
+    w, r, b = (_u(1, 4 * h, f).astype(np.float16), _u(1, 4 * h, h).astype(np.float16), _u(1, 8 * h).astype(np.float16))
+    nodes = [helper.make_node("Cast", ["X"], ["X16"], to=TensorProto.FLOAT16),
+             helper.make_node("LSTM", ["X16", "W", "R", "B"], ["Y"], hidden_size=h, name="lstm16")]
+    graph = helper.make_graph(nodes, "fp16", [vi("X", TensorProto.FLOAT, [4, 1, f])],
+                              [vi("Y", TensorProto.FLOAT16, [4, 1, 1, h])],
+                              [numpy_helper.from_array(a, n) for a, n in ((w, "W"), (r, "R"), (b, "B"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    audit = audit_model(save(model, tmp_path / "fp16.onnx"))
+    assert not audit.errors, audit.findings
+    gates = {g.key: g.array for g in audit.layers[0].gates}
+    assert gates["layer0.forward.cell.W"].dtype == np.float16
+    np.testing.assert_array_equal(gates["layer0.forward.cell.W"], w[0, 3 * h:])
+    np.testing.assert_array_equal(gates["layer0.forward.output.bR"], b[0, 4 * h + h:4 * h + 2 * h])
+    assert audit.recurrent_params == w.size + r.size + b.size
