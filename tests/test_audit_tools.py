@@ -6,6 +6,7 @@ Every gate is compared with the source framework's own tensors: exactly for floa
 """
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -112,6 +113,13 @@ def test_audit_against_float_reports_quantization_error_per_gate(tmp_path):
     assert err["max_abs"] == pytest.approx(expected) and 0 < err["bound_share"] <= 1.001
     assert "UNCHANGED" in codes(audit)
     assert "quant err" in format_text(audit)
+    proc = run_cli("audit", str(path), "--against", str(src), "--fail-on-change", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["against"]["tensors"]["layer0.forward.forget.R"]["status"] == "quantized"
+    assert report["quantization_errors"]["layer0.forward.forget.R"]["max_abs"] == pytest.approx(expected)
+    gate = next(g for g in report["layers"][0]["gates"] if g["key"] == "layer0.forward.forget.R")
+    assert gate["quantization"]["dtype"] == "int8" and gate["quantization"]["per_channel"] is True
 
 
 def test_audit_against_flags_changed_gates_and_fails_on_change(tmp_path):
