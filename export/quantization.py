@@ -73,8 +73,8 @@ def build_int8_model(net: Any, float_path: str | Path, contract: dict[str, Any],
     if beyond:
         raise ExportError(f"--quantize int8: {len(beyond)} gate(s) are further than scale/2 from the float model: "
                           + ", ".join(sorted(beyond)[:4]))
-    parity = run_parity(net, model.SerializeToString(), ["CPUExecutionProvider"], atol=atol, rtol=rtol, floor_factor=0.0,
-                        atol_by_kind={"large": INT8_SATURATED_ATOL})
+    parity = run_parity(net, model.SerializeToString(), ["CPUExecutionProvider"], atol=atol, rtol=rtol,
+                        floor_factor=0.0, atol_by_kind={"large": INT8_SATURATED_ATOL})
     sample_in, sample_out = make_sample(net)
     import onnxruntime
 

@@ -51,10 +51,14 @@ def verify_model(model_path: str | Path, run_dir: str | Path, provider: str = "a
     quantization = (contract or {}).get("quantization")
     if isinstance(quantization, dict) and isinstance(quantization.get("budget"), dict):
         # An int8 model is held to the parity budget recorded at export (export/quantization.py), not FP32's.
-        atol = float(quantization["budget"].get("atol", atol))
-        rtol = float(quantization["budget"].get("rtol", rtol))
+        try:
+            atol = float(quantization["budget"].get("atol", atol))
+            rtol = float(quantization["budget"].get("rtol", rtol))
+            by_kind = {str(k): float(v) for k, v in (quantization["budget"].get("atol_by_kind") or {}).items()}
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ExportError(f"{model_path}: contract quantization.budget: got {quantization['budget']!r}, expected "
+                              f"numbers atol, rtol and atol_by_kind ({exc})") from None
         floor_factor = 0.0
-        by_kind = {str(k): float(v) for k, v in (quantization["budget"].get("atol_by_kind") or {}).items()}
         checks.append({"check": "int8_budget", "passed": None,
                        "message": f"int8 model: parity against PyTorch FP32 within the recorded budget atol {atol:g}, "
                        f"rtol {rtol:g}" + "".join(f", {k} inputs atol {v:g}" for k, v in by_kind.items())})

@@ -117,3 +117,17 @@ def test_server_loads_int8_model_and_self_tests_with_the_recorded_budget(int8_re
     # A budget the int8 model cannot meet makes the self-test fail, naming the output.
     runtime.parity_sample = dict(sample, atol=1e-9, rtol=0.0)
     assert "self-test output" in (runtime.self_test() or "")
+
+
+def test_audit_explains_a_model_quantized_after_export(tiny_repository, tmp_path):
+    """Our float model run through quantize_dynamic by hand keeps the float digests: the audit says why they differ."""
+    from lstm_onnx.export.audit import audit_model
+    from lstm_onnx.export.quantization import quantize_int8
+
+    float_path = tiny_repository / "tiny_lstm" / "1" / "model.onnx"
+    quantize_int8(float_path, tmp_path / "by_hand.onnx")
+    audit = audit_model(tmp_path / "by_hand.onnx")
+    (mismatch,) = [f for f in audit.errors if f.code == "DIGEST_MISMATCH"]
+    assert "quantized after export" in mismatch.message and "--against" in mismatch.message
+    against = audit_model(tmp_path / "by_hand.onnx", against=float_path, fail_on_change=True)
+    assert not [f for f in against.errors if f.code == "CHANGED_GATES"]

@@ -126,7 +126,8 @@ def _add_findings(new: Audit, fail_on_change: bool) -> None:
     for key, e in (new.against or {}).items():
         if e["status"] in ("identical", "quantized"):
             continue
-        where, part = (".".join(key.split(".")[:2]), ".".join(key.split(".")[2:])) if key.startswith("layer") else ("head", key)
+        parts = key.split(".")
+        where, part = (".".join(parts[:2]), ".".join(parts[2:])) if key.startswith("layer") else ("head", key)
         changed[where].append(f"{part} ({e['status']})" if e["status"] != "changed" else part)
         worst[where] = max(worst[where], e.get("max_abs", 0.0))
     for where, parts in changed.items():

@@ -156,8 +156,11 @@ def check_digests(audit: Audit) -> None:
     missing = sorted(computed.keys() - recorded.keys())
     extra = sorted(recorded.keys() - computed.keys())
     if differ:
-        audit.add("DIGEST_MISMATCH", "error", f"{len(differ)} gate tensor(s) differ from the digest recorded at export: "
-                  f"{_list(differ)}", differ)
+        quantized_later = any(x.op_type for x in audit.layers) and "quantization" not in audit.contract
+        hint = (" (the model was quantized after export: its contract still records the float gates; compare it "
+                "with --against FLOAT.onnx)" if quantized_later else "")
+        audit.add("DIGEST_MISMATCH", "error", f"{len(differ)} gate tensor(s) differ from the digest recorded at export"
+                  f"{hint}: {_list(differ)}", differ)
     if missing:
         audit.add("DIGEST_MISMATCH", "error", f"{len(missing)} gate tensor(s) have no recorded digest: {_list(missing)}", missing)
     if extra:

@@ -90,7 +90,8 @@ def fold_constant(index: Any, name: str, opset: int) -> Folded | None:
         try:
             outputs = ReferenceEvaluator(node, opsets={"": opset}).run(None, feeds)
         except Exception as exc:  # the evaluator raises anything from ValueError to IndexError on bad input
-            raise FoldError(f"folding {node.op_type} '{node.name}': {type(exc).__name__}: {exc}".splitlines()[0]) from None
+            why = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            raise FoldError(f"folding {node.op_type} '{node.name}': {why}") from None
         for out, array in zip(node.output, outputs):
             array = np.asarray(array)
             if array.size > MAX_ELEMENTS:

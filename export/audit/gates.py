@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
+from lstm_onnx.contract import MS_DOMAIN, ONNX_DOMAINS, QUANTIZED_RECURRENT_OPS, RECURRENT_OPS, initializer_names
 from lstm_onnx.contract import ONNX_GATE_ORDER as ONNX_ORDER
 from lstm_onnx.contract import PYTORCH_GATE_ORDER as PYTORCH_ORDER
-from lstm_onnx.contract import MS_DOMAIN, ONNX_DOMAINS, QUANTIZED_RECURRENT_OPS, RECURRENT_OPS, initializer_names
 
 from .result import DIRECTIONS, GateTensor
 
@@ -80,7 +80,8 @@ def split_gates(
             for gi, gate in enumerate(order):
                 rows = slice(gi * h, (gi + 1) * h)
                 span = f"{rows.start}:{rows.stop}"
-                out.append(GateTensor(layer, dname, gate, kind, fused[di, rows, :], sources[kind], f"[{di}, {span}, :]"))
+                out.append(GateTensor(layer, dname, gate, kind, fused[di, rows, :], sources[kind],
+                                      f"[{di}, {span}, :]"))
     b = tensors.get("B")
     if b is not None:
         _expect_shape(node, "B", sources, b, (d, 2 * g * h))

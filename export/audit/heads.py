@@ -52,7 +52,8 @@ def collect_head(audit: Audit, index: Any, claimed: set[str]) -> list[HeadTensor
             audit.not_counted.append((tensor.name, "a scalar constant (rank 0), not a learned tensor"))
             continue
         if _only_initial_state(index, tensor.name):
-            audit.not_counted.append((tensor.name, f"{list(tensor.dims)}, read only as a recurrent node's initial state"))
+            audit.not_counted.append((tensor.name,
+                                      f"{list(tensor.dims)}, read only as a recurrent node's initial state"))
             continue
         try:
             array = index.initializer_array(tensor.name)
@@ -101,7 +102,10 @@ def _quantized_weight(audit: Audit, index: Any, node: onnx.NodeProto, slots: tup
     if b not in index.initializers:
         return None  # both operands computed: an activation product, no weight
     zp = node.input[zp_pos] if len(node.input) > zp_pos and node.input[zp_pos] else None
-    scale = node.input[scale_pos] if scale_pos is not None and len(node.input) > scale_pos else _matmul_integer_scale(index, node, b)
+    if scale_pos is not None and len(node.input) > scale_pos:
+        scale = node.input[scale_pos]
+    else:
+        scale = _matmul_integer_scale(index, node, b)
     where = f"{node.op_type} '{node.name or node.output[0]}'"
     if scale is None or scale not in index.initializers:
         audit.add("UNRESOLVED_WEIGHT", "warning", f"{where}: integer weight '{b}' has no scale the audit can find "

@@ -59,7 +59,8 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _heatmap(layer: Layer, direction: str, arrays: dict[tuple[str, str], np.ndarray], title: str, diverging: bool) -> str:
+def _heatmap(layer: Layer, direction: str, arrays: dict[tuple[str, str], np.ndarray], title: str,
+             diverging: bool) -> str:
     """One row of panels, one per gate: W | R | bW | bR side by side, NaN columns as separators."""
     import matplotlib
 
@@ -115,7 +116,8 @@ def _heatmaps(audit: Audit, layer: Layer) -> list[str]:
         old = {(g.gate, g.kind): g.array.astype(np.float64) - audit.old_arrays[g.key]
                for g in gates if g.key in audit.old_arrays}
         if old:
-            out.append(_heatmap(layer, direction, old, f"change from {os.path.basename(audit.against_path or '')}", True))
+            title = f"change from {os.path.basename(audit.against_path or '')}"
+            out.append(_heatmap(layer, direction, old, title, True))
     return out
 
 
@@ -138,7 +140,8 @@ def render_html(audit: Audit) -> str:
             seen.add(layer.op)
             lines = describe_layout(layer.op, layer.hidden_size, len(layer.directions), layer.input_size or 0,
                                     any(x.sources.get("P") for x in audit.layers))
-            parts.append(f'<h2>Where the {esc(layer.op)} gates live</h2><div class="notes">{esc(chr(10).join(lines))}</div>')
+            parts.append(f'<h2>Where the {esc(layer.op)} gates live</h2>'
+                         f'<div class="notes">{esc(chr(10).join(lines))}</div>')
     for layer in audit.layers:
         parts.append(f'<h2 id="{esc(layer.label)}">{esc(layer_heading(layer))}</h2>')
         reads = " <- ".join(layer.reads)

@@ -141,7 +141,8 @@ def _compare_head(audit: Audit, weights: dict, init: dict | None) -> None:
         if quantized is not None:
             # An integer head weight: within scale/2 of the parameter, in the layout the quantizer stored it.
             ref = float_reference(quantized, param)
-            identical = ref.shape == quantized.array.shape and quant_error(quantized, ref)["bound_share"] <= 1 + BOUND_SLACK
+            identical = (ref.shape == quantized.array.shape
+                         and quant_error(quantized, ref)["bound_share"] <= 1 + BOUND_SLACK)
             if identical:
                 audit.quant_errors = audit.quant_errors or {}
                 audit.quant_errors.setdefault(quantized.name, quant_error(quantized, ref))

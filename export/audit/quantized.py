@@ -1,4 +1,4 @@
-"""Integer weights as onnxruntime's quantizer writes them: DynamicQuantizeLSTM and MatMulInteger/DynamicQuantizeMatMul heads.
+"""Integer weights as onnxruntime's quantizer writes them: DynamicQuantizeLSTM and integer MatMul heads.
 
 Every stored integer is read back as `(q - zero_point) * scale`, with one scale and zero point per
 direction (per tensor) or per output row (per channel), and kept beside the float value so the report
@@ -46,7 +46,8 @@ def dequantize_recurrent(
     row_scale = np.broadcast_to(scale.reshape(d, -1), (d, rows))
     row_zp = np.broadcast_to(zero_point.reshape(d, -1), (d, rows))
     q_rows = np.ascontiguousarray(np.transpose(q, (0, 2, 1)))  # (D, G*H, in)
-    value = ((q_rows.astype(np.float32) - row_zp[:, :, None].astype(np.float32)) * row_scale[:, :, None]).astype(np.float32)
+    value = (q_rows.astype(np.float32) - row_zp[:, :, None].astype(np.float32)) * row_scale[:, :, None]
+    value = value.astype(np.float32)
     return value, Quantization(q_rows, np.array(row_scale), np.array(row_zp), str(q.dtype), per_channel, names)
 
 
