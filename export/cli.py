@@ -44,6 +44,8 @@ def run_export(args: argparse.Namespace) -> int:
             print(json.dumps(report, indent=2))
         raise CheckFailed(f"export failed: {exc}") from None
     report["passed"] = True
+    if getattr(args, "quantize", None):
+        report["quantized"] = _export_quantized(args, report)
     _write_report(report, args.report)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -54,7 +56,33 @@ def run_export(args: argparse.Namespace) -> int:
         print("  " + parity_sentence(p))
         if args.report:
             print(f"  the full parity table: {args.report}")
+        if "quantized" in report:
+            q = report["quantized"]
+            worst = max(e["max_abs"] for e in q["quantization"]["gate_errors"].values())
+            print(f"exported {q['path']} (int8)")
+            print(f"  gates within scale/2 of FP32 (worst {worst:.2e}); parity against PyTorch FP32: "
+                  f"{q['parity']['cases_run']} cases within atol {q['parity']['atol']:g}, rtol {q['parity']['rtol']:g}; "
+                  f"atol needed {q['parity']['tolerance_that_would_pass']:.3e}")
     return 0
+
+
+def _export_quantized(args: argparse.Namespace, report: dict) -> dict:
+    """`--quantize int8`: the int8 model beside the float one just written (export.quantization)."""
+    from lstm_onnx.errors import CheckFailed
+
+    from .onnx_export import ExportError
+    from .quantization import export_int8
+    from .repository import ParityFailed
+
+    try:
+        return export_int8(args.run_dir, args.repository, report["model"], report["version"],
+                           max_batch_size=args.max_batch_size, per_channel=not args.quantize_per_tensor)
+    except (ParityFailed, ExportError) as exc:
+        failed = dict(report, passed=False, error=str(exc), quantized=getattr(exc, "report", None))
+        _write_report(failed, args.report)
+        if args.json:
+            print(json.dumps(failed, indent=2))
+        raise CheckFailed(f"export --quantize {args.quantize}: {exc}") from None
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -139,6 +167,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_config_flags(p)
     p.add_argument("--report", metavar="FILE", help="also write the JSON report here (kept on failure too)")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of a summary")
+    p.add_argument("--quantize", choices=("int8",),
+                   help="also write an int8 model (onnxruntime dynamic quantization, LSTM only) as the model "
+                   "NAME_int8, same version, beside the float one; its contract records per-gate quantization "
+                   "errors and parity against PyTorch FP32 within the int8 budget (export/quantization.py)")
+    p.add_argument("--quantize-per-tensor", action="store_true",
+                   help="with --quantize: one scale per direction instead of one per gate row (per channel)")
     p.set_defaults(func=run_export)
 
     v = sub.add_parser(

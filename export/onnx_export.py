@@ -10,7 +10,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from lstm_onnx.contract import CONTRACT_FORMAT, METADATA_KEY, RECURRENT_OPS, initializer_names
+from lstm_onnx.contract import (
+    CONTRACT_FORMAT,
+    METADATA_KEY,
+    MS_DOMAIN,
+    QUANTIZED_RECURRENT_OPS,
+    RECURRENT_OPS,
+    initializer_names,
+)
 
 from .audit.gates import gate_digests
 
@@ -80,9 +87,11 @@ def check_explicit(model: onnx.ModelProto, cell: str, num_layers: int) -> None:
     loops = [n.op_type for n in graph.node if n.op_type in LOOP_OPS]
     if loops:
         raise ExportError(f"graph computes its recurrence with {sorted(set(loops))} nodes, expected explicit {cell.upper()} nodes")
+    # onnxruntime's int8 DynamicQuantizeLSTM is as explicit as LSTM: one node per layer, gates readable.
     nodes = recurrent_nodes(graph)
+    nodes += [n for n in graph.node if n.domain == MS_DOMAIN and n.op_type in QUANTIZED_RECURRENT_OPS]
     op = cell.upper()
-    wrong = [n.op_type for n in nodes if n.op_type != op]
+    wrong = [n.op_type for n in nodes if QUANTIZED_RECURRENT_OPS.get(n.op_type, n.op_type) != op]
     if not nodes:
         raise ExportError(f"graph has no {op} node, expected {num_layers} (one per layer); the recurrence was unrolled")
     if wrong:

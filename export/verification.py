@@ -6,7 +6,7 @@ from typing import Any
 
 import onnx
 
-from lstm_onnx.contract import RECURRENT_OPS, WEIGHTS_FILE, file_digest, read_contract
+from lstm_onnx.contract import QUANTIZED_RECURRENT_OPS, RECURRENT_OPS, WEIGHTS_FILE, file_digest, read_contract
 
 from .onnx_export import ExportError, check_explicit
 from .parity import DEFAULT_ATOL, DEFAULT_FLOOR_FACTOR, DEFAULT_RTOL, resolve_providers, run_parity
@@ -17,7 +17,8 @@ def verify_model(model_path: str | Path, run_dir: str | Path, provider: str = "a
     """Compare PyTorch eager (from the run directory) with onnxruntime on the chosen providers.
 
     Also checks that the ONNX graph has one explicit recurrent node per layer and that the
-    checkpoint digest recorded at export is the digest of this run's weights.
+    checkpoint digest recorded at export is the digest of this run's weights. An int8 model (its
+    contract has `quantization`) is compared within the budget recorded there instead of atol/rtol.
     """
     from lstm_onnx.model.checkpoint import load_run
 
@@ -52,8 +53,25 @@ def verify_model(model_path: str | Path, run_dir: str | Path, provider: str = "a
     if mismatch is not None:  # another network: parity would only fail on missing or misshapen inputs
         return {"format": "lstm-onnx-verify-report/1", "model": str(model_path), "run_dir": str(run_dir),
                 "passed": False, "checks": checks, "parity": None}
+    quantization = (contract or {}).get("quantization")
+    if isinstance(quantization, dict) and isinstance(quantization.get("budget"), dict):
+        # An int8 model is held to the parity budget recorded at export (export/quantization.py), not FP32's.
+        try:
+            atol = float(quantization["budget"].get("atol", atol))
+            rtol = float(quantization["budget"].get("rtol", rtol))
+            by_kind = {str(k): float(v) for k, v in (quantization["budget"].get("atol_by_kind") or {}).items()}
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ExportError(f"{model_path}: contract quantization.budget: got {quantization['budget']!r}, expected "
+                              f"numbers atol, rtol and atol_by_kind ({exc})") from None
+        floor_factor = 0.0
+        checks.append({"check": "int8_budget", "passed": None,
+                       "message": f"int8 model: parity against PyTorch FP32 within the recorded budget atol {atol:g}, "
+                       f"rtol {rtol:g}" + "".join(f", {k} inputs atol {v:g}" for k, v in by_kind.items())})
+    else:
+        by_kind = None
     providers = resolve_providers(provider)
-    parity = run_parity(net, model_path, providers, atol=atol, rtol=rtol, floor_factor=floor_factor)
+    parity = run_parity(net, model_path, providers, atol=atol, rtol=rtol, floor_factor=floor_factor,
+                        atol_by_kind=by_kind)
     checks.append({"check": "parity", "passed": parity["passed"]})
     passed = all(c["passed"] is not False for c in checks)
     return {
@@ -68,11 +86,12 @@ def verify_model(model_path: str | Path, run_dir: str | Path, provider: str = "a
 
 def architecture_mismatch(model: onnx.ModelProto, config: Any) -> str | None:
     """None when the ONNX graph's recurrent nodes have the checkpoint's shape, else one line saying how they differ."""
-    nodes = [n for n in model.graph.node if n.op_type in RECURRENT_OPS]
+    quantized = QUANTIZED_RECURRENT_OPS  # DynamicQuantizeLSTM is an LSTM with int8 weights
+    nodes = [n for n in model.graph.node if n.op_type in RECURRENT_OPS or n.op_type in quantized]
     attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
     hidden = sorted({int(a.get("hidden_size", 0)) for a in attrs})
     bidirectional = sorted({a.get("direction", b"forward") == b"bidirectional" for a in attrs})
-    ops = sorted({n.op_type for n in nodes})
+    ops = sorted({quantized.get(n.op_type, n.op_type) for n in nodes})
     graph_inputs = {i.name: i for i in model.graph.input}
     dims = [d.dim_value for d in graph_inputs["input"].type.tensor_type.shape.dim] if "input" in graph_inputs else []
     found = (f"{len(nodes)}-layer {'/'.join(ops) or 'non-recurrent'} hidden {'/'.join(map(str, hidden)) or '?'}"

@@ -174,12 +174,15 @@ class ModelRuntime:
         inputs = {k: decode_sample_tensor(v) for k, v in sample["inputs"].items()}
         expected = {k: decode_sample_tensor(v) for k, v in sample["outputs"].items()}
         atol = float(sample.get("atol", 1e-4))
+        rtol = float(sample.get("rtol", 0.0))  # an int8 model's budget against FP32 has a relative part
         got = self.predict(inputs, list(expected))
         for name, want in expected.items():
-            diff = float(np.max(np.abs(got[name].astype(np.float64) - want))) if want.size else 0.0
-            if got[name].shape != want.shape or not diff <= atol:
-                return (f"self-test output '{name}': max |diff| {diff:.3g} exceeds atol {atol:g} "
-                        f"(shape {list(got[name].shape)}, expected {list(want.shape)})")
+            if got[name].shape != want.shape:
+                return f"self-test output '{name}': got shape {list(got[name].shape)}, expected {list(want.shape)}"
+            diff = np.abs(got[name].astype(np.float64) - want)
+            if want.size and not (diff <= atol + rtol * np.abs(want)).all():
+                return (f"self-test output '{name}': max |diff| {float(diff.max()):.3g} exceeds atol {atol:g} "
+                        f"+ rtol {rtol:g} x |expected| (shape {list(want.shape)})")
         return None
 
 
