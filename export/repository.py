@@ -209,30 +209,9 @@ def export_to_repository(run_dir: str | os.PathLike, repository: str | os.PathLi
             f"parity failed in {parity['cases_failed']} of {parity['cases_run']} cases: atol needed "
             f"{parity['tolerance_that_would_pass']:.3g} > atol {atol:g} (rtol {rtol:g}, {floor_factor:g}x the FP32 floor); nothing was written", report)
 
-    repository = Path(repository)
-    repository.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=repository, prefix=f".staging-{name}-"))
-    try:
-        version_dir = staging / str(version)
-        version_dir.mkdir()
-        (version_dir / MODEL_FILE).write_bytes(model.SerializeToString())
-        report["seconds"] = round(time.perf_counter() - started, 3)
-        (version_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        (staging / CONFIG_FILE).write_text(config_text)
-        model_dir = repository / name
-        model_dir.mkdir(exist_ok=True)
-        final = model_dir / str(version)
-        if final.exists():
-            old = model_dir / f".old-{version}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(version_dir, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(version_dir, final)
-        os.replace(staging / CONFIG_FILE, model_dir / CONFIG_FILE)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    report["path"] = str((repository / name / str(version) / MODEL_FILE).resolve())
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    report["path"] = str(publish_model_version(repository, name, version, model.SerializeToString(), report,
+                                               config_text))
     return report
 
 
@@ -240,8 +219,8 @@ def publish_model_version(repository: str | os.PathLike, name: str, version: int
                           report: dict[str, Any], config_text: str) -> Path:
     """Write `<repository>/<name>/<version>/model.onnx`, its report and `<name>/config.pbtxt`, staged then moved.
 
-    For models built beside the exported one (the int8 model of `export --quantize`); the same staging as
-    export_to_repository, so a failure leaves the repository as it was. Returns the model file's path.
+    export_to_repository and the int8 model of `export --quantize` both publish through here: a failure leaves
+    the repository as it was. Returns the model file's path.
     """
     _check_name(name)
     repository = Path(repository)
