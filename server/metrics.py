@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger("lstm_onnx.server")
 
+CANCELED = "CANCELED"  # the client went away or its deadline passed: a failure in Triton's counts
+FAILURE_REASONS = ("REJECTED", CANCELED, "BACKEND", "OTHER")  # Triton's reason label on request failures
+
 
 @dataclass
 class ModelCounters:
@@ -17,8 +20,10 @@ class ModelCounters:
 
     success: int = 0
     failure: int = 0
+    failure_reasons: Counter = field(default_factory=Counter)  # FAILURE_REASONS -> requests
     inference_count: int = 0  # rows (batch items) inferred, as Triton counts
     exec_count: int = 0  # onnxruntime runs; below success count when requests were merged
+    exec_stopped: int = 0  # runs stopped (RunOptions.terminate) because every request in them was abandoned
     request_ns: int = 0
     failure_ns: int = 0
     queue_ns: int = 0
@@ -32,16 +37,18 @@ class ModelCounters:
 class Metrics:
     """Thread-safe counters keyed by (model, version)."""
 
-    def __init__(self) -> None:
+    def __init__(self, worker: int | None = None, worker_restarts: int = 0) -> None:
         self._lock = threading.Lock()
         self._counters: dict[tuple[str, str], ModelCounters] = {}
+        self.worker = worker  # with --workers: this process's index
+        self.worker_restarts = worker_restarts  # times the parent restarted this worker's slot after it died
 
     def counters(self, model: str, version: str) -> ModelCounters:
         with self._lock:
             return self._counters.setdefault((model, version), ModelCounters())
 
     def record_request(self, model: str, version: str, ok: bool, duration_ns: int, queue_ns: int = 0,
-                       rows: int = 0) -> None:
+                       rows: int = 0, reason: str = "OTHER") -> None:
         c = self.counters(model, version)
         with self._lock:
             if ok:
@@ -52,6 +59,7 @@ class Metrics:
                 c.last_inference_ms = int(time.time() * 1000)
             else:
                 c.failure += 1
+                c.failure_reasons[reason] += 1
                 c.failure_ns += duration_ns
 
     def record_execution(self, model: str, version: str, rows: int, compute_ns: int) -> None:
@@ -61,6 +69,11 @@ class Metrics:
             c.compute_infer_ns += compute_ns
             c.batch_sizes[rows] += 1
             c.batch_ns[rows] += compute_ns
+
+    def record_stopped(self, model: str, version: str) -> None:
+        c = self.counters(model, version)
+        with self._lock:
+            c.exec_stopped += 1
 
     def add_pending(self, model: str, version: str, delta: int) -> None:
         c = self.counters(model, version)
@@ -77,12 +90,12 @@ class Metrics:
         families = [
             ("nv_inference_request_success", "counter", "Number of successful inference requests",
              lambda c: c.success),
-            ("nv_inference_request_failure", "counter", "Number of failed inference requests",
-             lambda c: c.failure),
             ("nv_inference_count", "counter", "Number of inferences performed (batch items)",
              lambda c: c.inference_count),
             ("nv_inference_exec_count", "counter", "Number of model executions performed",
              lambda c: c.exec_count),
+            ("lstm_onnx_exec_stopped_count", "counter", "Number of model executions stopped (RunOptions.terminate) "
+             "because every request in them was abandoned", lambda c: c.exec_stopped),
             ("nv_inference_request_duration_us", "counter", "Cumulative inference request duration in microseconds",
              lambda c: (c.request_ns + c.failure_ns) // 1000),
             ("nv_inference_queue_duration_us", "counter", "Cumulative inference queuing duration in microseconds",
@@ -93,7 +106,16 @@ class Metrics:
              "execution per-model", lambda c: c.pending),
         ]
         snap = sorted(self.snapshot().items())
-        lines: list[str] = []
+        lines = ["# HELP nv_inference_request_failure Number of failed inference requests (abandoned ones: "
+                 "reason CANCELED)", "# TYPE nv_inference_request_failure counter"]
+        for (model, version), c in snap:
+            for reason in FAILURE_REASONS:
+                lines.append(f'nv_inference_request_failure{{model="{_escape(model)}",reason="{reason}",'
+                             f'version="{_escape(version)}"}} {c.failure_reasons[reason]}')
+        if self.worker is not None:
+            lines += ["# HELP lstm_onnx_worker_restarts Times the parent restarted this worker after it died",
+                      "# TYPE lstm_onnx_worker_restarts counter",
+                      f'lstm_onnx_worker_restarts{{worker="{self.worker}"}} {self.worker_restarts}']
         for name, kind, help_text, value in families:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
             for (model, version), c in snap:

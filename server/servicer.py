@@ -133,12 +133,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_status_on_error
     async def ModelInfer(self, request, context):
-        return await self._infer(request)
+        return await self._infer(request, context.time_remaining())
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, time_remaining: float | None = None
+                     ) -> pb.ModelInferResponse:
         inputs, requested, sequence = codec.decode_request(request)
-        result = await self.scheduler.infer(request.model_name, request.model_version, inputs, requested, sequence)
-        return codec.encode_response(result.model, result.version, request.id, result.outputs)
+        result = await self.scheduler.infer(request.model_name, request.model_version, inputs, requested, sequence,
+                                            request.id, time_remaining)
+        response = codec.encode_response(result.model, result.version, request.id, result.outputs)
+        if result.sequence_step:
+            codec.encode_sequence_step(response, result.sequence_step, result.sequence_previous_id)
+        return response
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """One response per request, in order; a failed request answers error_message and the stream goes on."""
