@@ -7,7 +7,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from server_models import sample_input
+from server_models import MARK, Gate, sample_input
 
 
 def _start(repo, **overrides):
@@ -148,32 +148,6 @@ def test_bidirectional_model_takes_a_sequence_only_whole(make_run_dir, tmp_path)
 
 
 # --- Races: a step runs on exactly its predecessor's state, or is refused with the reason -----------------------
-
-MARK = 7.0  # a request whose first input value is this is held in onnxruntime until the gate opens
-
-
-class Gate:
-    """Holds the runs of marked requests before onnxruntime starts them, so a test can order the next arrivals
-    behind a running step; `held` is set when one is held, `release` lets it (and later ones) run."""
-
-    def __init__(self, runtime):
-        import threading
-
-        self.runtime, self.original = runtime, runtime.predict
-        self.held, self.release = threading.Event(), threading.Event()
-
-        def predict(inputs, *args, **kwargs):
-            if inputs["input"].reshape(-1)[0] == MARK:
-                self.held.set()
-                assert self.release.wait(30), "the test never opened the gate"
-            return self.original(inputs, *args, **kwargs)
-
-        runtime.predict = predict
-
-    def close(self) -> None:
-        self.release.set()
-        self.runtime.predict = self.original
-
 
 @pytest.fixture
 def gate(server):
