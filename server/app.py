@@ -84,8 +84,9 @@ def _add_to_pool(file_descriptor) -> None:
     protos.POOL.Add(proto)
 
 
-async def start_server(settings: ServerSettings) -> RunningServer:
-    """Load the repository and start gRPC and metrics; returns once the server is SERVING."""
+async def start_server(settings: ServerSettings, metrics: Metrics | None = None) -> RunningServer:
+    """Load the repository and start gRPC and metrics; returns once the server is SERVING. `metrics`: counters
+    to serve (a worker's know its index and restarts), a fresh set when None."""
     started = time.perf_counter()
     executor = ThreadPoolExecutor(max_workers=settings.executor_threads, thread_name_prefix="ort")
     options = RuntimeOptions(settings.provider, settings.intra_op_threads, settings.inter_op_threads,
@@ -94,7 +95,7 @@ async def start_server(settings: ServerSettings) -> RunningServer:
                             settings.max_queue_delay_us)
     # Loading builds sessions and self-tests them: off the loop so a slow model does not block signals.
     await asyncio.get_running_loop().run_in_executor(executor, repository.load_all)
-    metrics = Metrics()
+    metrics = Metrics() if metrics is None else metrics
     sequences = SequenceStore(settings.max_sequences, settings.sequence_idle_timeout_s)
     scheduler = Scheduler(repository, executor, metrics, sequences, settings.request_timeout_s)
 

@@ -98,8 +98,9 @@ class SequenceStore:
                 raise InvalidArgument(f"sequence {control.id!r} for model '{model}': unknown (never started, ended, "
                                       "or evicted after idling); its first request must set sequence_start")
             if len(self) >= self.max_sequences:
-                raise ResourceExhausted(f"sequence {control.id!r}: {len(self)} sequences are live, the "
-                                        f"limit is {self.max_sequences}; end or let some expire first")
+                raise ResourceExhausted(f"sequence {control.id!r}: {len(self)} sequences are live on this server "
+                                        f"process, the limit is {self.max_sequences} (max_sequences, per worker); "
+                                        "end or let some expire first")
             sequence = self._live[key] = Sequence(key)
         sequence.issued += 1
         sequence.last_used = self._clock()

@@ -149,8 +149,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """One response per request, in order; a failed request answers error_message and the stream goes on."""
         if self.max_streams and self.open_streams >= self.max_streams:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"{self.open_streams} streams are open, the limit is {self.max_streams} "
-                                "(max_concurrent_streams); close one or use ModelInfer")
+                                f"{self.open_streams} streams are open on this server process, the limit is "
+                                f"{self.max_streams} (max_concurrent_streams, per worker); close one or use ModelInfer")
         self.open_streams += 1
         try:
             async for response in self._stream(request_iterator):
