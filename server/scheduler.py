@@ -51,6 +51,7 @@ class Scheduler:
         self.request_timeout_s = request_timeout_s  # 0: no limit
         self.draining = False
         self.last_refused = 0.0  # monotonic time of the last request refused while draining
+        self.refused_draining = 0  # requests refused (UNAVAILABLE) because the server was draining
         self.in_flight = 0
         self._batchers: dict[tuple[str, int], DynamicBatcher] = {}
 
@@ -74,6 +75,7 @@ class Scheduler:
         """
         if self.draining:
             self.last_refused = time.monotonic()
+            self.refused_draining += 1
             raise Unavailable("server is shutting down: no new requests")
         start = time.perf_counter_ns()
         entry = self.repository.get(name)

@@ -1,6 +1,7 @@
 """The GRPCInferenceService servicer: protobuf in, numpy to the scheduler, protobuf out; nothing else."""
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -47,6 +48,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.scheduler = scheduler
         self.max_streams = max_streams  # 0: no limit
         self.open_streams = 0
+        self.closing = asyncio.Event()  # set on drain: every stream ends after answering the request it holds
+        self.streams_closed = 0  # streams the drain ended (status UNAVAILABLE) rather than the client
 
     @_status_on_error
     async def ServerLive(self, request, context):
@@ -153,22 +156,44 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                 f"{self.max_streams} (max_concurrent_streams, per worker); close one or use ModelInfer")
         self.open_streams += 1
         try:
-            async for response in self._stream(request_iterator):
+            async for response in self._stream(request_iterator, context):
                 yield response
         finally:
             self.open_streams -= 1
 
-    async def _stream(self, request_iterator) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        async for request in request_iterator:
-            try:
-                response = await self._infer(request)
-            except Exception as exc:
-                code, message = status_of(exc)
-                if code == grpc.StatusCode.INTERNAL:
-                    log.exception("internal error", extra={"fields": {"rpc": "ModelStreamInfer"}})
-                yield pb.ModelStreamInferResponse(
-                    error_message=message,
-                    infer_response=pb.ModelInferResponse(model_name=request.model_name,
-                                                         model_version=request.model_version, id=request.id))
-                continue
-            yield pb.ModelStreamInferResponse(infer_response=response)
+    async def _stream(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        requests = aiter(request_iterator)
+        answered = 0
+        closing = asyncio.ensure_future(self.closing.wait())  # one waiter per stream, not per request
+        try:
+            while True:
+                # Race the next read against the drain, so a stream whose client keeps sending still ends: the
+                # request it holds is answered (or refused), and the rest are refused by the stream's status.
+                read = asyncio.ensure_future(anext(requests))
+                if not closing.done():
+                    await asyncio.wait((read, closing), return_when=asyncio.FIRST_COMPLETED)
+                if not read.done():
+                    read.cancel()
+                    self.streams_closed += 1
+                    await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                        f"server is shutting down: this stream's {answered} requests were answered, "
+                                        "any later one was not read; send it to another server")
+                try:
+                    request = read.result()
+                except StopAsyncIteration:
+                    return
+                answered += 1
+                try:
+                    response = await self._infer(request)
+                except Exception as exc:
+                    code, message = status_of(exc)
+                    if code == grpc.StatusCode.INTERNAL:
+                        log.exception("internal error", extra={"fields": {"rpc": "ModelStreamInfer"}})
+                    yield pb.ModelStreamInferResponse(
+                        error_message=message,
+                        infer_response=pb.ModelInferResponse(model_name=request.model_name,
+                                                             model_version=request.model_version, id=request.id))
+                    continue
+                yield pb.ModelStreamInferResponse(infer_response=response)
+        finally:
+            closing.cancel()
