@@ -46,6 +46,7 @@ class RunningServer:
     grpc_port: int
     metrics_port: int | None
     executor: ThreadPoolExecutor
+    servicer: InferenceServicer | None = None
     metrics_server: asyncio.base_events.Server | None = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -53,22 +54,32 @@ class RunningServer:
         """Drain: refuse new requests (UNAVAILABLE), let in-flight ones finish within the grace period."""
         grace = self.settings.grace_period_s if grace is None else grace
         self.scheduler.draining = True
+        streams = self.servicer.open_streams if self.servicer else 0
+        if self.servicer is not None:
+            self.servicer.closing.set()  # each stream answers the request it holds, then ends with UNAVAILABLE
         await self.health.enter_graceful_shutdown()
-        log.info("draining", extra={"fields": {"in_flight": self.scheduler.in_flight, "grace_s": grace}})
+        log.info("draining", extra={"fields": {"in_flight": self.scheduler.in_flight, "streams": streams,
+                                               "grace_s": grace}})
         deadline = time.monotonic() + grace
         self.scheduler.last_refused = time.monotonic()
         # Close only once requests are done and clients have stopped sending (QUIET_S without a refusal): a
         # call still in transit when the port closes is cut by gRPC (CANCELLED), not refused.
         while time.monotonic() < deadline and (
-                self.scheduler.in_flight or time.monotonic() - self.scheduler.last_refused < QUIET_S):
+                self.scheduler.in_flight or time.monotonic() - self.scheduler.last_refused < QUIET_S
+                or (self.servicer is not None and self.servicer.open_streams)):
             await asyncio.sleep(0.01)
+        # What the port's closing cuts: requests still running and streams still open (0 and 0 unless the grace
+        # period ran out).
+        unfinished, cut = self.scheduler.in_flight, self.servicer.open_streams if self.servicer else 0
         await self.grpc_server.stop(max(0.0, deadline - time.monotonic()))
         for task in self._tasks:
             task.cancel()
         if self.metrics_server is not None:
             self.metrics_server.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
-        log.info("stopped", extra={"fields": {"unfinished": self.scheduler.in_flight}})
+        log.info("stopped", extra={"fields": {
+            "unfinished": unfinished, "streams_cut": cut, "refused": self.scheduler.refused_draining,
+            "streams_closed": self.servicer.streams_closed if self.servicer else 0}})
 
 
 def _add_to_pool(file_descriptor) -> None:
@@ -88,8 +99,9 @@ class StartupError(RuntimeError):
     """The server cannot start as asked (port taken, no usable CUDA, a model that failed with --exit-on-error)."""
 
 
-async def start_server(settings: ServerSettings) -> RunningServer:
-    """Load the repository and start gRPC and metrics; returns once the server is SERVING.
+async def start_server(settings: ServerSettings, metrics: Metrics | None = None) -> RunningServer:
+    """Load the repository and start gRPC and metrics; returns once the server is SERVING. `metrics`: counters
+    to serve (a worker's know its index and restarts), a fresh set when None.
 
     Raises StartupError with one line naming what failed; nothing is left running then.
     """
@@ -110,7 +122,7 @@ async def start_server(settings: ServerSettings) -> RunningServer:
         if problems and settings.exit_on_error == "true":
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise StartupError(f"{problems[0]}{more}; --exit-on-error false serves the models that loaded")
-        metrics = Metrics()
+        metrics = Metrics() if metrics is None else metrics
         if any(v.runtime is not None and getattr(v.runtime, "provider", "cpu") == "cuda"
                for e in repository.models.values() for v in e.versions.values()):
             metrics.enable_gpu()
@@ -151,7 +163,7 @@ async def start_server(settings: ServerSettings) -> RunningServer:
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, status)
     running = RunningServer(settings, repository, scheduler, server, health_servicer, port, metrics_port, executor,
-                            metrics_server)
+                            servicer, metrics_server)
     running._tasks.append(asyncio.get_running_loop().create_task(_evict_forever(sequences)))
     models = {f"{n}/{v}": ver.state for n, e in repository.models.items() for v, ver in e.versions.items()}
     log.info("serving", extra={"fields": {"grpc": f"{settings.host}:{port}", "tls": bool(settings.tls_cert), "metrics_port": metrics_port,

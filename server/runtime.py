@@ -20,6 +20,10 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
+class Stopped(Exception):
+    """A run stopped through RunOptions.terminate; nobody is waiting for its answer."""
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """A model input or output as clients see it; -1 marks a dynamic axis (batch first when batchable)."""
@@ -151,9 +155,12 @@ class ModelRuntime:
         return np.zeros((batch, *rest), dtype=datatypes.numpy_of(spec.datatype))
 
     def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
-                lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                lengths: np.ndarray | None = None, run_options=None) -> dict[str, np.ndarray]:
         """Run the session; `outputs` None means all, in the model's order. `lengths` (int32 [B]) are the real
-        time lengths of a zero-padded ragged batch; None means every row is as long as the time input."""
+        time lengths of a zero-padded ragged batch; None means every row is as long as the time input.
+        `run_options` (onnxruntime.RunOptions): setting its `terminate` from another thread stops the run at
+        the next node boundary (one LSTM/GRU layer is one node, so a layer in progress finishes first), and
+        the run raises Stopped."""
         names = outputs or [s.name for s in self.outputs]
         if self.ragged is not None:
             if lengths is None:
@@ -161,8 +168,11 @@ class ModelRuntime:
                 lengths = np.full(x.shape[0], x.shape[1], dtype=np.int32)
             inputs = {**inputs, self.ragged.lengths_input: lengths}
         try:
-            results = self._session.run(names, inputs)
+            results = self._session.run(names, inputs, run_options)
         except Exception as exc:  # ORT raises its own types; the client gets one line
+            if run_options is not None and run_options.terminate:
+                raise Stopped(f"model '{self.name}' version {self.version}: run stopped, its requests were "
+                              "abandoned") from exc
             raise Internal(f"model '{self.name}' version {self.version} failed: {exc}".splitlines()[0]) from exc
         return dict(zip(names, results))
 

@@ -45,11 +45,14 @@ class ServerSettings:
                                        "runs at once")
     sequence_idle_timeout_s: float = _setting(60.0, "a sequence with no request for this long is forgotten, when "
                                               "config.pbtxt has no sequence_batching (its idle timeout wins)")
-    max_sequences: int = _setting(1024, "most live sequences over all models; a new one beyond it is refused")
+    max_sequences: int = _setting(1024, "most live sequences over all models in one server process (per worker "
+                                  "with --workers: a connection's sequences live on its worker); a new one beyond "
+                                  "it is refused")
     request_timeout_s: float = _setting(60.0, "longest one request may spend in the server (queue and run) before it "
                                         "gets DEADLINE_EXCEEDED; 0 means no limit")
-    max_concurrent_streams: int = _setting(256, "most ModelStreamInfer streams open at once over all clients; one "
-                                           "more is refused with RESOURCE_EXHAUSTED")
+    max_concurrent_streams: int = _setting(256, "most ModelStreamInfer streams open at once in one server process "
+                                           "(per worker with --workers: N workers take N times this); one more is "
+                                           "refused with RESOURCE_EXHAUSTED")
     tls_cert: str = _setting("", "PEM certificate chain for the gRPC port; with --tls-key, serves TLS instead of "
                              "plaintext")
     tls_key: str = _setting("", "PEM private key of --tls-cert")

@@ -13,7 +13,7 @@ from server_models import sample_input
 # compute_output durations, which need per-request timing from the batcher (issue 15, open).
 TRITON_FAMILIES = {
     "nv_inference_request_success": ("counter", {"model", "version"}),
-    "nv_inference_request_failure": ("counter", {"model", "version"}),
+    "nv_inference_request_failure": ("counter", {"model", "reason", "version"}),
     "nv_inference_count": ("counter", {"model", "version"}),
     "nv_inference_exec_count": ("counter", {"model", "version"}),
     "nv_inference_request_duration_us": ("counter", {"model", "version"}),

@@ -96,7 +96,8 @@ def test_statistics_and_metrics_count_requests(server, triton):
                 "nv_inference_compute_infer_duration_us": "counter", "nv_inference_pending_request_count": "gauge"}
     assert {name: families[name].type for name in expected} == expected
     for name in expected:
-        assert all(set(s.labels) == {"model", "version"} for s in families[name].samples), name
+        labels = {"model", "reason", "version"} if name == "nv_inference_request_failure" else {"model", "version"}
+        assert all(set(s.labels) == labels for s in families[name].samples), name
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(f"http://127.0.0.1:{server.running.metrics_port}/nope", timeout=10)
 

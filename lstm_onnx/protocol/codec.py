@@ -129,6 +129,22 @@ def encode_response(model: str, version: int, request_id: str, outputs: dict[str
     return response
 
 
+def encode_sequence_step(response: pb.ModelInferResponse, step: int, previous_id: str) -> None:
+    """Which step of its sequence a response answers: `sequence_step` (1 = the sequence_start) and
+    `sequence_previous_id`, the request id of the step whose state it continued ("" after a start). A client
+    that lost an answer (cancelled after the server applied the step) sees it here on its next one."""
+    response.parameters["sequence_step"].int64_param = step
+    response.parameters["sequence_previous_id"].string_param = previous_id
+
+
+def decode_sequence_step(response: pb.ModelInferResponse) -> tuple[int, str] | None:
+    """(sequence_step, sequence_previous_id) of a response to a sequence request; None for any other."""
+    if "sequence_step" not in response.parameters:
+        return None
+    return (response.parameters["sequence_step"].int64_param,
+            response.parameters["sequence_previous_id"].string_param)
+
+
 def decode_response(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     """The output arrays of a response (client side), from raw_output_contents or typed contents."""
     raw = list(response.raw_output_contents)
