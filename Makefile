@@ -25,7 +25,7 @@ demo: setup
 	$(PY) examples/demo.py
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -rs
 
 protos: setup
 	$(PY) -m lstm_onnx.protos.generate

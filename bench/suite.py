@@ -57,13 +57,25 @@ def _levels_async(url: str, model: str, levels: list[int], seconds: float, reque
 
 
 def _without_batching(repo: Path, work: Path, name: str) -> Path:
-    """A copy of the repository whose config.pbtxt has no dynamic_batching (requests run one by one)."""
+    """A copy of the repository whose config.pbtxt asks for no batcher (requests run one by one).
+
+    Only our server reads it: the implicit state becomes optional inputs again (the server fills them, the
+    load generator leaves them out as it does with batching on), and the scheduling choice is dropped.
+    """
+    from google.protobuf import text_format
+
+    from lstm_onnx.protos import model_config_pb2 as mc
+
     out = work / "repo_nobatch"
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(repo / name, out / name)
-    config = out / name / "config.pbtxt"
-    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
-                              if not line.startswith("dynamic_batching")))
+    path = out / name / "config.pbtxt"
+    config = text_format.Parse(path.read_text(), mc.ModelConfig())
+    for state in config.sequence_batching.state:
+        config.input.add(name=state.input_name, data_type=state.data_type, dims=state.dims, optional=True)
+    config.ClearField("sequence_batching")
+    config.ClearField("dynamic_batching")
+    path.write_text(text_format.MessageToString(config))
     return out
 
 

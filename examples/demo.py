@@ -6,6 +6,7 @@ Outputs go to demo/ (run directory, model repository, reports, audit plot).
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import socket
@@ -20,9 +21,11 @@ CLI = [sys.executable, "-m", "lstm_onnx"]
 
 
 def step(title: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run one real command, printing it, its output (kept in .stdout) and its exit code."""
     print(f"\n=== {title}\n$ lstm-onnx {shlex.join(args)}", flush=True)
     started = time.perf_counter()
-    result = subprocess.run(CLI + list(args), cwd=ROOT)
+    result = subprocess.run(CLI + list(args), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    print(result.stdout, end="", flush=True)
     print(f"--- {title}: exit {result.returncode} in {time.perf_counter() - started:.1f} s", flush=True)
     if check and result.returncode != 0:
         sys.exit(f"demo: step '{title}' failed with exit code {result.returncode}")
@@ -84,8 +87,12 @@ def main() -> int:
         data = make_default_task(seed=123, num_sequences=8)
         x, y = data.x[:1], int(data.y[0])
         np.save(OUT / "sequence.npy", x)
-        print(f"(true class of demo/sequence.npy: {y})")
-        step("answer a real request", "infer", "--url", url, "--model", "lstm", "--input", str(OUT / "sequence.npy"))
+        answer = step("answer a real request", "infer", "--url", url, "--model", "lstm", "--input",
+                      str(OUT / "sequence.npy"))
+        predicted = re.search(r"class (\d+), probability ([0-9.]+)", answer.stdout)
+        if predicted:
+            verdict = "right" if int(predicted.group(1)) == y else "wrong"
+            print(f"predicted class {predicted.group(1)} (probability {predicted.group(2)}), true class {y}: {verdict}")
         step("stream the same sequence in chunks of 16 steps (server carries h/c)", "stream", "--url", url,
              "--model", "lstm", "--input", str(OUT / "sequence.npy"), "--chunk", "16")
         step("the same request over REST (KServe v2 HTTP, binary tensors)", "infer", "--protocol", "http", "--url",

@@ -10,7 +10,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from lstm_onnx.contract import CONTRACT_FORMAT, METADATA_KEY, RECURRENT_OPS, initializer_names
+from lstm_onnx.contract import (
+    CONTRACT_FORMAT,
+    METADATA_KEY,
+    MS_DOMAIN,
+    QUANTIZED_RECURRENT_OPS,
+    RECURRENT_OPS,
+    initializer_names,
+)
 
 from .audit.gates import gate_digests
 
@@ -80,9 +87,11 @@ def check_explicit(model: onnx.ModelProto, cell: str, num_layers: int) -> None:
     loops = [n.op_type for n in graph.node if n.op_type in LOOP_OPS]
     if loops:
         raise ExportError(f"graph computes its recurrence with {sorted(set(loops))} nodes, expected explicit {cell.upper()} nodes")
+    # onnxruntime's int8 DynamicQuantizeLSTM is as explicit as LSTM: one node per layer, gates readable.
     nodes = recurrent_nodes(graph)
+    nodes += [n for n in graph.node if n.domain == MS_DOMAIN and n.op_type in QUANTIZED_RECURRENT_OPS]
     op = cell.upper()
-    wrong = [n.op_type for n in nodes if n.op_type != op]
+    wrong = [n.op_type for n in nodes if QUANTIZED_RECURRENT_OPS.get(n.op_type, n.op_type) != op]
     if not nodes:
         raise ExportError(f"graph has no {op} node, expected {num_layers} (one per layer); the recurrence was unrolled")
     if wrong:
@@ -153,7 +162,17 @@ def build_contract(config: Any, layers: list, checkpoint_digest: str) -> dict[st
         "state": [{"input": i, "output": o} for i, o in zip(inputs[1:], outputs[1:])],
         "gate_digests": gate_digests(c.cell, layers),
         "checkpoint_digest": checkpoint_digest,
+        "versions": tool_versions(),
     }
+
+
+def tool_versions() -> dict[str, str]:
+    """The versions that made this file: ours is the producer; torch and onnx are recorded beside it."""
+    import torch
+
+    from lstm_onnx import __version__
+
+    return {"lstm_onnx": __version__, "torch": torch.__version__, "onnx": onnx.__version__}
 
 
 def set_contract(model: onnx.ModelProto, contract: dict[str, Any]) -> None:
@@ -171,6 +190,7 @@ def export_onnx(net: Any, checkpoint_digest: str, opset: int = DEFAULT_OPSET) ->
     layers = name_recurrent_tensors(model, cfg.cell)
     contract = build_contract(cfg, layers, checkpoint_digest)
     model.producer_name = "lstm-onnx"
+    model.producer_version = contract["versions"]["lstm_onnx"]  # torch.onnx wrote its own version here
     model.doc_string = (
         f"Stacked {cfg.cell.upper()}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
         f"{'bidirectional' if cfg.bidirectional else 'unidirectional'}, {cfg.task} head with {cfg.num_outputs} outputs"

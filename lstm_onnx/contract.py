@@ -25,6 +25,10 @@ RUN_FORMAT = "lstm-onnx-run/1"
 # Recurrent operators the export writes and the audit and server read (ONNX default domain).
 RECURRENT_OPS = ("LSTM", "GRU")
 ONNX_DOMAINS = ("", "ai.onnx")
+# onnxruntime's quantized recurrent ops (com.microsoft domain) -> the cell they compute. Their int8 weights
+# are stored transposed, W [D, input, 4H] and R [D, H, 4H], with per-direction or per-row scales.
+MS_DOMAIN = "com.microsoft"
+QUANTIZED_RECURRENT_OPS = {"DynamicQuantizeLSTM": "LSTM"}
 
 # Row blocks inside ONNX's fused W/R/B, in the order the operator spec stores them.
 ONNX_GATE_ORDER: dict[str, tuple[str, ...]] = {

@@ -75,6 +75,12 @@ def read_weights(path: str | os.PathLike, config: RunConfig) -> dict[str, torch.
 
 def load_run(run_dir: str | os.PathLike, weights: str = WEIGHTS_FILE) -> tuple[StackedRNN, RunConfig]:
     """Rebuild the network from a run directory's config and load its weights, in eval mode."""
+    folder = Path(run_dir)
+    missing = [name for name in (CONFIG_FILE, weights) if not (folder / name).is_file()]
+    if folder.is_dir() and missing:
+        present = sorted(p.name for p in folder.iterdir())[:6]
+        raise CheckpointError(f"run directory {folder} is incomplete: missing {', '.join(missing)} (it holds "
+                              f"{', '.join(present) or 'nothing'}); expected the output of `lstm-onnx train`")
     config = read_config(run_dir)
     tensors = read_weights(Path(run_dir) / weights, config)
     net = StackedRNN(config.model)

@@ -131,6 +131,7 @@ def check_arrays(x: np.ndarray, y: np.ndarray, name: str, task: str | None = Non
             bad = np.argwhere(~np.isfinite(arr))[0].tolist()
             raise DataError(f"data file {name}: '{key}' holds NaN or Inf (first at index {bad}), expected finite values")
     integer_y = y.dtype.kind in "biu"
+    task_given = task
     if task is None:
         task = "classification" if integer_y and y.ndim == 1 else "regression"
     if task == "classification":
@@ -142,7 +143,10 @@ def check_arrays(x: np.ndarray, y: np.ndarray, name: str, task: str | None = Non
         lowest, highest = int(labels.min()), int(labels.max())
         classes = num_classes if num_classes is not None else highest + 1
         if lowest < 0 or highest >= classes:
-            raise DataError(f"data file {name}: class labels range over {lowest}..{highest}, expected integers 0..{classes - 1}")
+            hint = ("; if these are values to predict, not classes, add --task regression"
+                    if task_given is None else "")
+            raise DataError(f"data file {name}: class labels range over {lowest}..{highest}, expected integers "
+                            f"0..{classes - 1}{hint}")
         if classes < 2:
             raise DataError(f"data file {name}: only class 0 present, expected at least 2 classes")
         return x.astype(np.float32), labels, task, int(classes)
@@ -199,7 +203,13 @@ def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not steps:
         raise DataError(f"data file {path}: no sequence columns, expected 't0_f0', ... after the labels")
     num_t, num_f = max(s[0] for s in steps) + 1, max(s[1] for s in steps) + 1
-    if steps != [(t, f) for t in range(num_t) for f in range(num_f)]:
+    expected = [(t, f) for t in range(num_t) for f in range(num_f)]
+    if steps != expected:
+        missing = [f"t{t}_f{f}" for t, f in expected if (t, f) not in set(steps)]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise DataError(f"data file {path}: missing column{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(missing[:3])}{more}; expected t0_f0..t{num_t - 1}_f{num_f - 1}")
         raise DataError(f"data file {path}: sequence columns are not t0_f0..t{num_t - 1}_f{num_f - 1} in time-major order")
     body = rows[1:]
     if not body:

@@ -13,7 +13,7 @@ from lstm_onnx.protocol.errors import Internal
 
 from .metrics import Metrics
 from .padding import pad_time
-from .runtime import ModelRuntime
+from .runtime import ModelRuntime, Stopped
 
 Inputs = dict[str, np.ndarray]
 
@@ -59,7 +59,7 @@ def split_outputs(outputs: Inputs, rows: list[int]) -> list[Inputs]:
     return [{name: pieces[name][i] for name in outputs} for i in range(len(rows))]
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: removing an abandoned request must not compare arrays
 class _Pending:
     inputs: Inputs
     rows: int
@@ -73,6 +73,10 @@ class DynamicBatcher:
 
     An idle model runs a request at once; only while a run is in progress do requests accumulate, and
     then the batcher waits at most `max_queue_delay_us` for a batch to fill.
+
+    Abandoned requests (the caller's task cancelled: the client went away, or a deadline passed) leave the queue
+    at once and are never merged into a run; a run whose requests are all abandoned is stopped with
+    RunOptions.terminate, so the model is free for the next.
     """
 
     def __init__(self, runtime: ModelRuntime, executor: Executor, metrics: Metrics, max_batch_size: int,
@@ -95,49 +99,72 @@ class DynamicBatcher:
         """All outputs for these inputs, and the ns the request waited in the queue."""
         if not self.merge:
             start = self._clock()
-            outputs, compute_ns = await self._execute(inputs, rows)
+            run_options = _run_options()
+            try:
+                outputs, compute_ns = await self._execute(inputs, rows, None, run_options)
+            except asyncio.CancelledError:  # queued for a thread: never starts; running: stops at the next node
+                run_options.terminate = True
+                raise
             return outputs, max(0, self._clock() - start - compute_ns)  # waiting for an executor thread
         if not self._queue and (self._worker is None or self._worker.done()):
             return await self._run_inline(inputs, rows)
-        future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(inputs, rows, batch_key(inputs, self._time_input), future, self._clock()))
+        item = _Pending(inputs, rows, batch_key(inputs, self._time_input),
+                        asyncio.get_running_loop().create_future(), self._clock())
+        self._queue.append(item)
         self._arrived.set()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._drain())
-        return await future
+        try:
+            return await item.future
+        except asyncio.CancelledError:  # abandoned: out of the queue now, not when a run would have taken it
+            if item in self._queue:
+                self._queue.remove(item)
+            raise
 
     async def _run_inline(self, inputs: Inputs, rows: int) -> tuple[Inputs, int]:
         """Idle model: run in the caller's task, saving a task and a future per request at low load.
 
         The run marks the model busy until its executor job ends, even if the caller is cancelled, so that runs
-        stay one at a time; requests arriving meanwhile queue, and a drain task starts when the job ends.
+        stay one at a time; requests arriving meanwhile queue, and a drain task starts when the job ends. A
+        cancelled caller sets terminate: the job stops at its next node (or at once, if it had not started).
         """
         loop = asyncio.get_running_loop()
         start = self._clock()
-        job = loop.run_in_executor(self.executor, self._timed_predict, inputs, None)
+        run_options = _run_options()
+        job = loop.run_in_executor(self.executor, self._timed_predict, inputs, None, run_options)
         self._worker = job
         job.add_done_callback(lambda done: self._after_inline(done, rows))
-        outputs, compute_ns = await asyncio.shield(job)
+        try:
+            outputs, compute_ns = await asyncio.shield(job)
+        except asyncio.CancelledError:
+            run_options.terminate = True
+            raise
         return outputs, max(0, self._clock() - start - compute_ns)  # waiting for an executor thread
 
     def _after_inline(self, job: asyncio.Future, rows: int) -> None:
-        if not job.cancelled() and job.exception() is None:
-            self.metrics.record_execution(*self._labels, rows, job.result()[1])
+        if not job.cancelled():
+            if job.exception() is None:
+                self.metrics.record_execution(*self._labels, rows, job.result()[1])
+            elif isinstance(job.exception(), Stopped):
+                self.metrics.record_stopped(*self._labels)
         if self._queue and self._worker is job:
             self._worker = asyncio.get_running_loop().create_task(self._drain(busy=True))
 
-    async def _execute(self, inputs: Inputs, rows: int, lengths: np.ndarray | None = None) -> tuple[Inputs, int]:
+    async def _execute(self, inputs: Inputs, rows: int, lengths: np.ndarray | None = None,
+                       run_options=None) -> tuple[Inputs, int]:
         loop = asyncio.get_running_loop()
-        outputs, compute_ns = await loop.run_in_executor(self.executor, self._timed_predict, inputs, lengths)
+        try:
+            outputs, compute_ns = await loop.run_in_executor(self.executor, self._timed_predict, inputs, lengths,
+                                                             run_options)
+        except Stopped:
+            self.metrics.record_stopped(*self._labels)
+            raise
         self.metrics.record_execution(*self._labels, rows, compute_ns)
         return outputs, compute_ns
 
-    def _timed_predict(self, inputs: Inputs, lengths: np.ndarray | None) -> tuple[Inputs, int]:
+    def _timed_predict(self, inputs: Inputs, lengths: np.ndarray | None, run_options=None) -> tuple[Inputs, int]:
         start = self._clock()
-        if lengths is None:
-            outputs = self.runtime.predict(inputs, None)
-        else:
-            outputs = self.runtime.predict(inputs, None, lengths)
+        outputs = self.runtime.predict(inputs, None, lengths, run_options)
         return outputs, self._clock() - start
 
     def _take(self, key: tuple | None, room: int) -> list[_Pending]:
@@ -175,11 +202,25 @@ class DynamicBatcher:
             busy = bool(self._queue)
 
     async def _run(self, batch: list[_Pending], rows: int) -> None:
+        batch = [item for item in batch if not item.future.done()]  # abandoned while the batch filled
+        if not batch:
+            return
+        rows = sum(item.rows for item in batch)
         started = self._clock()
+        run_options = _run_options()
+
+        def stop_if_abandoned(_: asyncio.Future) -> None:
+            if all(item.future.done() for item in batch):
+                run_options.terminate = True
+
+        for item in batch:
+            item.future.add_done_callback(stop_if_abandoned)
         try:
             merged, lengths = merge_inputs([item.inputs for item in batch], self._time_input)
-            outputs, _ = await self._execute(merged, rows, lengths)
+            outputs, _ = await self._execute(merged, rows, lengths, run_options)
             pieces = split_outputs(outputs, [item.rows for item in batch])
+        except Stopped:
+            return  # every request in it was abandoned: nobody to answer
         except Exception as exc:
             if len(batch) > 1:  # one bad request must not fail the others merged with it: run each alone
                 for item in batch:
@@ -188,6 +229,16 @@ class DynamicBatcher:
             if not batch[0].future.done():
                 batch[0].future.set_exception(exc)
             return
+        finally:
+            for item in batch:
+                item.future.remove_done_callback(stop_if_abandoned)
         for item, piece in zip(batch, pieces):
             if not item.future.done():  # a cancelled client leaves a done future
                 item.future.set_result((piece, started - item.enqueued_ns))
+
+
+def _run_options():
+    """A fresh onnxruntime.RunOptions per run: its terminate flag stops that run only."""
+    import onnxruntime as ort
+
+    return ort.RunOptions()

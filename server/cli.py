@@ -17,7 +17,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve every model of a Triton-layout repository over KServe v2 gRPC, with metrics, until SIGTERM."""
     from lstm_onnx.errors import CheckFailed, UsageError
 
-    from .app import run_event_loop, serve
+    from .app import StartupError, run_event_loop, serve
     from .logs import configure_logging
     from .settings import load_settings
 
@@ -37,6 +37,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CheckFailed(str(exc)) from None
     try:
         run_event_loop(serve(config), config.event_loop)
+    except StartupError as exc:
+        raise CheckFailed(str(exc)) from None
     except (FileNotFoundError, OSError) as exc:
         raise UsageError(str(exc)) from None
     return 0

@@ -13,8 +13,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .http_site import HttpLimits, HttpSite
+from .system_metrics import CpuCollector, GpuCollector
 
 log = logging.getLogger("lstm_onnx.server")
+
+CANCELED = "CANCELED"  # the client went away or its deadline passed: a failure in Triton's counts
+FAILURE_REASONS = ("REJECTED", CANCELED, "BACKEND", "OTHER")  # Triton's reason label on request failures
 
 
 @dataclass
@@ -23,8 +27,10 @@ class ModelCounters:
 
     success: int = 0
     failure: int = 0
+    failure_reasons: Counter = field(default_factory=Counter)  # FAILURE_REASONS -> requests
     inference_count: int = 0  # rows (batch items) inferred, as Triton counts
     exec_count: int = 0  # onnxruntime runs; below success count when requests were merged
+    exec_stopped: int = 0  # runs stopped (RunOptions.terminate) because every request in them was abandoned
     request_ns: int = 0
     failure_ns: int = 0
     queue_ns: int = 0
@@ -38,18 +44,28 @@ class ModelCounters:
 class Metrics:
     """Thread-safe counters keyed by (model, version)."""
 
-    def __init__(self) -> None:
+    def __init__(self, worker: int | None = None, worker_restarts: int = 0) -> None:
         self._lock = threading.Lock()
         self._counters: dict[tuple[str, str], ModelCounters] = {}
         self.registry = CollectorRegistry(auto_describe=False)  # one per server: tests run several in a process
         self.registry.register(TritonCollector(self))
+        self.registry.register(CpuCollector())
+        self._gpu = False
+        self.worker = worker  # with --workers: this process's index
+        self.worker_restarts = worker_restarts  # times the parent restarted this worker's slot after it died
+
+    def enable_gpu(self) -> None:
+        """Add Triton's GPU families (a model runs on CUDA)."""
+        if not self._gpu:
+            self._gpu = True
+            self.registry.register(GpuCollector())
 
     def counters(self, model: str, version: str) -> ModelCounters:
         with self._lock:
             return self._counters.setdefault((model, version), ModelCounters())
 
     def record_request(self, model: str, version: str, ok: bool, duration_ns: int, queue_ns: int = 0,
-                       rows: int = 0) -> None:
+                       rows: int = 0, reason: str = "OTHER") -> None:
         c = self.counters(model, version)
         with self._lock:
             if ok:
@@ -60,6 +76,7 @@ class Metrics:
                 c.last_inference_ms = int(time.time() * 1000)
             else:
                 c.failure += 1
+                c.failure_reasons[reason] += 1
                 c.failure_ns += duration_ns
 
     def record_execution(self, model: str, version: str, rows: int, compute_ns: int) -> None:
@@ -69,6 +86,11 @@ class Metrics:
             c.compute_infer_ns += compute_ns
             c.batch_sizes[rows] += 1
             c.batch_ns[rows] += compute_ns
+
+    def record_stopped(self, model: str, version: str) -> None:
+        c = self.counters(model, version)
+        with self._lock:
+            c.exec_stopped += 1
 
     def add_pending(self, model: str, version: str, delta: int) -> None:
         c = self.counters(model, version)
@@ -89,12 +111,12 @@ class Metrics:
 FAMILIES: tuple[tuple[str, str, str, Callable[[ModelCounters], float]], ...] = (
     ("nv_inference_request_success", "counter", "Number of successful inference requests, all batch sizes",
      lambda c: c.success),
-    ("nv_inference_request_failure", "counter", "Number of failed inference requests, all batch sizes",
-     lambda c: c.failure),
     ("nv_inference_count", "counter", "Number of inferences performed (does not include cached requests)",
      lambda c: c.inference_count),
     ("nv_inference_exec_count", "counter", "Number of model executions performed (does not include cached requests)",
      lambda c: c.exec_count),
+    ("lstm_onnx_exec_stopped", "counter", "Number of model executions stopped (RunOptions.terminate) because "
+     "every request in them was abandoned", lambda c: c.exec_stopped),
     ("nv_inference_request_duration_us", "counter", "Cumulative inference request duration in microseconds "
      "(includes cached requests)", lambda c: (c.request_ns + c.failure_ns) // 1000),
     ("nv_inference_queue_duration_us", "counter", "Cumulative inference queuing duration in microseconds "
@@ -114,6 +136,18 @@ class TritonCollector:
 
     def collect(self) -> Iterator[Metric]:
         snap = sorted(self.metrics.snapshot().items())
+        # Triton labels failures by reason (REJECTED, CANCELED, BACKEND, OTHER); abandoned requests are CANCELED.
+        failures = CounterMetricFamily("nv_inference_request_failure", "Number of failed inference requests, all "
+                                       "batch sizes", labels=("model", "reason", "version"))
+        for (model, version), c in snap:
+            for reason in FAILURE_REASONS:
+                failures.add_metric((model, reason, version), c.failure_reasons[reason])
+        yield failures
+        if self.metrics.worker is not None:
+            restarts = CounterMetricFamily("lstm_onnx_worker_restarts", "Times the parent restarted this worker "
+                                           "after it died", labels=("worker",))
+            restarts.add_metric((str(self.metrics.worker),), self.metrics.worker_restarts)
+            yield restarts
         for name, kind, help_text, value in FAMILIES:
             family_type = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             family = family_type(name, help_text, labels=("model", "version"))

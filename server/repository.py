@@ -12,13 +12,15 @@ from lstm_onnx.protocol.errors import NotFound, Unavailable
 from lstm_onnx.protos import model_config_pb2 as mc
 
 from .model_file import check_model_file
-from .runtime import ModelRuntime, RuntimeOptions, StatePair
+from .runtime import ModelRuntime, RuntimeOptions, StatePair, describe_pairs
 
 log = logging.getLogger("lstm_onnx.server")
 
 READY = "READY"
 UNAVAILABLE = "UNAVAILABLE"
 PLATFORM = "onnxruntime_onnx"
+# core src/constants.h SEQUENCE_IDLE_DEFAULT_MICROSECONDS: Triton's idle timeout when the config gives none.
+TRITON_SEQUENCE_IDLE_DEFAULT_US = 1_000_000
 
 
 @dataclass
@@ -45,7 +47,8 @@ class ModelEntry:
     reason: str = ""  # why the model as a whole failed (bad config.pbtxt), if it did
     max_batch_size: int = 0
     max_queue_delay_us: int = 0
-    dynamic_batching: bool = False
+    dynamic_batching: bool = False  # merge concurrent requests (dynamic_batching or sequence_batching in the config)
+    sequence_idle_us: int = 0  # from sequence_batching; 0: the server's sequence_idle_timeout_s applies
 
     def resolve(self, version: str) -> ModelVersion:
         """The version asked for ("" = the highest ready one); NotFound or Unavailable otherwise."""
@@ -78,6 +81,7 @@ class Repository:
         self.default_max_batch_size = default_max_batch_size
         self.default_queue_delay_us = default_queue_delay_us
         self.models: dict[str, ModelEntry] = {}
+        self.strict_readiness = True  # Triton's --strict-readiness: server ready only while every model is
 
     def load_all(self) -> None:
         """Load every model; a model that fails is logged and kept as not ready, the others serve."""
@@ -96,10 +100,22 @@ class Repository:
     def resolve(self, name: str, version: str = "") -> ModelVersion:
         return self.get(name).resolve(version)
 
+    def sequence_idle_timeouts(self) -> dict[str, float]:
+        """Seconds a sequence of each model may idle, where its config.pbtxt says (sequence_batching)."""
+        return {name: m.sequence_idle_us / 1e6 for name, m in self.models.items() if m.sequence_idle_us}
+
     @property
     def ready(self) -> bool:
-        """Server readiness: every model has a ready version (a broken model makes the server not ready)."""
-        return bool(self.models) and all(any(v.ready for v in m.versions.values()) for m in self.models.values())
+        """Server readiness: with strict readiness (Triton's default) every model has a ready version, so a
+        broken model makes the server not ready; without it, the server is ready once it serves."""
+        return not self.strict_readiness or not self.problems()
+
+    def problems(self) -> list[str]:
+        """Why the repository is not wholly ready: one line per model without a ready version."""
+        if not self.models:
+            return [f"model repository {self.root}: no model directories"]
+        return [f"model '{name}': {entry.reason or entry._reasons()}" for name, entry in sorted(self.models.items())
+                if not any(v.ready for v in entry.versions.values())]
 
     def _load_model(self, model_dir: Path) -> ModelEntry:
         name = model_dir.name
@@ -137,6 +153,7 @@ class Repository:
             check_model_file(path)  # before onnxruntime follows an external-data hard link out of the folder
             runtime.load(self.options, state=_config_state(entry.config))
             _check_config(entry.config, runtime)
+            _check_sequence_batching(entry.config, runtime)
             failure = runtime.self_test()
             if failure:
                 raise ValueError(failure)
@@ -170,9 +187,17 @@ class Repository:
             if batchable:
                 config.dynamic_batching.max_queue_delay_microseconds = self.default_queue_delay_us
         entry.max_batch_size = config.max_batch_size
-        # As in Triton, requests are merged only when the config asks for dynamic batching.
-        entry.dynamic_batching = config.max_batch_size > 0 and config.HasField("dynamic_batching")
-        entry.max_queue_delay_us = config.dynamic_batching.max_queue_delay_microseconds
+        # As in Triton, requests are merged only when the config asks for a batcher: dynamic_batching, or
+        # sequence_batching, whose batches mix the requests of different sequences.
+        scheduling = config.WhichOneof("scheduling_choice")
+        entry.dynamic_batching = config.max_batch_size > 0 and scheduling is not None
+        if scheduling == "sequence_batching":
+            seq = config.sequence_batching
+            strategy = seq.oldest if seq.WhichOneof("strategy_choice") == "oldest" else seq.direct
+            entry.max_queue_delay_us = strategy.max_queue_delay_microseconds
+            entry.sequence_idle_us = seq.max_sequence_idle_microseconds or TRITON_SEQUENCE_IDLE_DEFAULT_US
+        else:
+            entry.max_queue_delay_us = config.dynamic_batching.max_queue_delay_microseconds
         # Report the provider actually chosen, as Triton does with instance_group kind.
         del config.instance_group[:]
         kind = mc.ModelInstanceGroup.KIND_GPU if runtime.provider == "cuda" else mc.ModelInstanceGroup.KIND_CPU
@@ -213,3 +238,45 @@ def _check_config(config: mc.ModelConfig, runtime: ModelRuntime) -> None:
             if dims and (len(dims) != len(graph) or any(c >= 0 and g >= 0 and c != g for c, g in zip(dims, graph))):
                 raise ValueError(f"config.pbtxt {kind} '{tensor.name}': dims {dims}, but the model has "
                                  f"{['?' if g < 0 else g for g in graph]}")
+
+
+def _check_sequence_batching(config: mc.ModelConfig, runtime: ModelRuntime) -> None:
+    """sequence_batching must describe what this server does with the graph, and what Triton would do."""
+    if config.WhichOneof("scheduling_choice") != "sequence_batching":
+        return
+    seq = config.sequence_batching
+    where = "config.pbtxt sequence_batching"
+    if seq.control_input:
+        raise ValueError(f"{where}.control_input: got {[c.name for c in seq.control_input]}, expected none: this "
+                         "server feeds no control tensors (sequence_start/end are request parameters)")
+    if seq.state and runtime.bidirectional:
+        raise ValueError(f"{where}.state: got {len(seq.state)} entries for a bidirectional model, expected none: "
+                         "its state cannot be carried from one chunk to the next (export --config-style stateless)")
+    for size in seq.oldest.preferred_batch_size:
+        if not 1 <= size <= config.max_batch_size:
+            raise ValueError(f"{where}.oldest.preferred_batch_size: got {size}, expected 1..{config.max_batch_size}")
+    specs = {"input": {s.name: s for s in runtime.inputs}, "output": {s.name: s for s in runtime.outputs}}
+    listed = {t.name for t in config.input}
+    skip = 1 if config.max_batch_size > 0 else 0
+    for state in seq.state:
+        want = datatypes.datatype_of_config(mc.DataType.Name(state.data_type))
+        for kind, name in (("input", state.input_name), ("output", state.output_name)):
+            spec = specs[kind][name]  # runtime.load checked the names
+            graph = list(spec.shape[skip:])
+            if want != spec.datatype or list(state.dims) != graph:
+                raise ValueError(f"{where}.state '{name}': datatype {want}, dims {list(state.dims)}, but the model "
+                                 f"has {spec.datatype}, {graph}")
+        if state.input_name in listed:
+            # Triton's onnxruntime backend would count it twice against the graph's inputs and refuse the model.
+            raise ValueError(f"{where}.state '{state.input_name}': also listed under input, expected only here")
+        if [i.WhichOneof("state_data") for i in state.initial_state] != ["zero_data"]:
+            # Without initial_state Triton starts a sequence from uninitialised memory; data_file is not read here.
+            raise ValueError(f"{where}.state '{state.input_name}': expected one initial_state with zero_data, got "
+                             f"{[i.WhichOneof('state_data') for i in state.initial_state]}")
+    pairs = [StatePair(s.input_name, s.output_name) for s in seq.state]
+    inputs, outputs = sorted(p.input for p in pairs), sorted(p.output for p in pairs)
+    if any(inputs.index(p.input) != outputs.index(p.output) for p in pairs):
+        # core sequence_state.cc SequenceStates::OutputState pairs them by sorted name (server issue 8586): this
+        # server would carry the state right where Triton, serving the same file, would not.
+        raise ValueError(f"{where}.state pairs {describe_pairs(pairs)}: the sort orders of input and output names "
+                         f"differ ({inputs} vs {outputs}), so Triton would feed outputs into the wrong inputs")

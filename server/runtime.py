@@ -20,6 +20,10 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
+class Stopped(Exception):
+    """A run stopped through RunOptions.terminate; nobody is waiting for its answer."""
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """A model input or output as clients see it; -1 marks a dynamic axis (batch first when batchable)."""
@@ -95,6 +99,9 @@ class ModelRuntime:
             self.state = [StatePair(s["input"], s["output"]) for s in contract.get("state", [])]
             self.bidirectional = contract.get("num_directions", 1) == 2
             self.parity_sample = contract.get("parity_sample")
+            if state and set(state) != set(self.state):  # config.pbtxt is the source, the contract a cross-check
+                raise ValueError(f"config.pbtxt sequence_batching.state pairs {describe_pairs(state)}, but the "
+                                 f"model's contract ({METADATA_KEY}) says {describe_pairs(self.state)}")
         elif state:
             self.state = list(state)
         self._check_state()
@@ -148,9 +155,12 @@ class ModelRuntime:
         return np.zeros((batch, *rest), dtype=datatypes.numpy_of(spec.datatype))
 
     def predict(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
-                lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                lengths: np.ndarray | None = None, run_options=None) -> dict[str, np.ndarray]:
         """Run the session; `outputs` None means all, in the model's order. `lengths` (int32 [B]) are the real
-        time lengths of a zero-padded ragged batch; None means every row is as long as the time input."""
+        time lengths of a zero-padded ragged batch; None means every row is as long as the time input.
+        `run_options` (onnxruntime.RunOptions): setting its `terminate` from another thread stops the run at
+        the next node boundary (one LSTM/GRU layer is one node, so a layer in progress finishes first), and
+        the run raises Stopped."""
         names = outputs or [s.name for s in self.outputs]
         if self.ragged is not None:
             if lengths is None:
@@ -158,8 +168,11 @@ class ModelRuntime:
                 lengths = np.full(x.shape[0], x.shape[1], dtype=np.int32)
             inputs = {**inputs, self.ragged.lengths_input: lengths}
         try:
-            results = self._session.run(names, inputs)
+            results = self._session.run(names, inputs, run_options)
         except Exception as exc:  # ORT raises its own types; the client gets one line
+            if run_options is not None and run_options.terminate:
+                raise Stopped(f"model '{self.name}' version {self.version}: run stopped, its requests were "
+                              "abandoned") from exc
             raise Internal(f"model '{self.name}' version {self.version} failed: {exc}".splitlines()[0]) from exc
         return dict(zip(names, results))
 
@@ -171,13 +184,21 @@ class ModelRuntime:
         inputs = {k: decode_sample_tensor(v) for k, v in sample["inputs"].items()}
         expected = {k: decode_sample_tensor(v) for k, v in sample["outputs"].items()}
         atol = float(sample.get("atol", 1e-4))
+        rtol = float(sample.get("rtol", 0.0))  # an int8 model's budget against FP32 has a relative part
         got = self.predict(inputs, list(expected))
         for name, want in expected.items():
-            diff = float(np.max(np.abs(got[name].astype(np.float64) - want))) if want.size else 0.0
-            if got[name].shape != want.shape or not diff <= atol:
-                return (f"self-test output '{name}': max |diff| {diff:.3g} exceeds atol {atol:g} "
-                        f"(shape {list(got[name].shape)}, expected {list(want.shape)})")
+            if got[name].shape != want.shape:
+                return f"self-test output '{name}': got shape {list(got[name].shape)}, expected {list(want.shape)}"
+            diff = np.abs(got[name].astype(np.float64) - want)
+            if want.size and not (diff <= atol + rtol * np.abs(want)).all():
+                return (f"self-test output '{name}': max |diff| {float(diff.max()):.3g} exceeds atol {atol:g} "
+                        f"+ rtol {rtol:g} x |expected| (shape {list(want.shape)})")
         return None
+
+
+def describe_pairs(pairs: list[StatePair]) -> str:
+    """State pairs for a message: [h0->hn, c0->cn]."""
+    return "[" + ", ".join(f"{p.input}->{p.output}" for p in pairs) + "]"
 
 
 def _ragged_source(path: Path) -> tuple[str | bytes, RaggedPlan | None]:
@@ -217,10 +238,10 @@ def choose_providers(requested: str) -> list[str]:
         if CUDA not in available:
             raise RuntimeError(f"provider cuda: onnxruntime has only {available}; install onnxruntime-gpu")
         return [CUDA, CPU]
-    return [CUDA, CPU] if CUDA in available and _cuda_device_present() else [CPU]
+    return [CUDA, CPU] if CUDA in available and cuda_device_present() else [CPU]
 
 
-def _cuda_device_present() -> bool:
+def cuda_device_present() -> bool:
     # onnxruntime-gpu lists CUDA even with no GPU or driver; asking for it then logs errors, so look first.
     return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists()
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -9,21 +10,33 @@ from dataclasses import dataclass
 import numpy as np
 
 from lstm_onnx.protocol.codec import SequenceControl
-from lstm_onnx.protocol.errors import DeadlineExceeded, InvalidArgument, ServerError, Unavailable
+from lstm_onnx.protocol.errors import (
+    Aborted,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+    ServerError,
+    Unavailable,
+)
 
 from .batcher import DynamicBatcher
-from .metrics import Metrics
+from .metrics import CANCELED, Metrics
 from .repository import ModelVersion, Repository
 from .sequences import SequenceStore
 
 
 @dataclass
 class InferResult:
-    """What a request gets back: the version that ran it and its outputs in the order asked for."""
+    """What a request gets back: the version that ran it, its outputs in the order asked for, and for a sequence
+    step its number and the request id of the step whose state it continued."""
 
     model: str
     version: int
     outputs: dict[str, np.ndarray]
+    sequence_step: int = 0
+    sequence_previous_id: str = ""
 
 
 class Scheduler:
@@ -38,6 +51,7 @@ class Scheduler:
         self.request_timeout_s = request_timeout_s  # 0: no limit
         self.draining = False
         self.last_refused = 0.0  # monotonic time of the last request refused while draining
+        self.refused_draining = 0  # requests refused (UNAVAILABLE) because the server was draining
         self.in_flight = 0
         self._batchers: dict[tuple[str, int], DynamicBatcher] = {}
 
@@ -52,10 +66,16 @@ class Scheduler:
         return self._batchers[key]
 
     async def infer(self, name: str, version: str, inputs: dict[str, np.ndarray], requested: list[str] | None,
-                    sequence: SequenceControl | None = None) -> InferResult:
-        """Run one request; raises a ServerError subclass for anything the client should hear about."""
+                    sequence: SequenceControl | None = None, request_id: str = "",
+                    client_deadline_s: float | None = None) -> InferResult:
+        """Run one request; raises a ServerError subclass for anything the client should hear about.
+
+        `client_deadline_s`: the seconds the client's own deadline leaves (None: none); the request gives up at
+        whichever of that and request_timeout_s comes first, so abandoned work leaves the queue at once.
+        """
         if self.draining:
             self.last_refused = time.monotonic()
+            self.refused_draining += 1
             raise Unavailable("server is shutting down: no new requests")
         start = time.perf_counter_ns()
         entry = self.repository.get(name)
@@ -63,35 +83,52 @@ class Scheduler:
         labels = (name, str(resolved.version))
         self.in_flight += 1
         self.metrics.add_pending(*labels, 1)
+        limits = [t for t in (self.request_timeout_s or None, client_deadline_s) if t is not None]
         try:
-            work = self._infer(entry.max_batch_size, resolved, inputs, requested, sequence)
-            if self.request_timeout_s > 0:
+            deadline = asyncio.get_running_loop().time() + min(limits) if limits else math.inf
+            work = self._infer(entry.max_batch_size, resolved, inputs, requested, sequence, request_id, deadline)
+            if limits:
                 try:
                     # asyncio.timeout, not wait_for: wait_for wraps the work in a task of its own per request.
-                    async with asyncio.timeout(self.request_timeout_s):
-                        outputs, queue_ns, rows = await work
+                    async with asyncio.timeout(min(limits)):
+                        result = await work
                 except TimeoutError:
+                    if client_deadline_s is not None and client_deadline_s <= (self.request_timeout_s or math.inf):
+                        raise DeadlineExceeded(f"model '{name}': the client's deadline of {client_deadline_s:.3g} s "
+                                               "passed before the request was answered") from None
                     raise DeadlineExceeded(f"model '{name}': request took longer than the server's limit of "
                                            f"{self.request_timeout_s:g} s (request_timeout_s)") from None
             else:
-                outputs, queue_ns, rows = await work
-        except ServerError:
-            self.metrics.record_request(*labels, ok=False, duration_ns=time.perf_counter_ns() - start)
+                result = await work
+        except DeadlineExceeded:
+            self.metrics.record_request(*labels, ok=False, duration_ns=time.perf_counter_ns() - start,
+                                        reason=CANCELED)
             raise
-        except asyncio.CancelledError:
+        except ServerError as exc:
+            self.metrics.record_request(*labels, ok=False, duration_ns=time.perf_counter_ns() - start,
+                                        reason=failure_reason(exc))
+            raise
+        except asyncio.CancelledError:  # the client went away: Triton counts it a failure, reason CANCELED
+            self.metrics.record_request(*labels, ok=False, duration_ns=time.perf_counter_ns() - start,
+                                        reason=CANCELED)
             raise
         except Exception:
-            self.metrics.record_request(*labels, ok=False, duration_ns=time.perf_counter_ns() - start)
+            self.metrics.record_request(*labels, ok=False, duration_ns=time.perf_counter_ns() - start,
+                                        reason="OTHER")
             raise
         finally:
             self.in_flight -= 1
             self.metrics.add_pending(*labels, -1)
+        outputs, queue_ns, rows, turn = result
         self.metrics.record_request(*labels, ok=True, duration_ns=time.perf_counter_ns() - start,
                                     queue_ns=queue_ns, rows=rows)
-        return InferResult(name, resolved.version, outputs)
+        if turn is None:
+            return InferResult(name, resolved.version, outputs)
+        return InferResult(name, resolved.version, outputs, turn.step, turn.previous_id)
 
     async def _infer(self, max_batch_size: int, resolved: ModelVersion, inputs: dict[str, np.ndarray],
-                     requested: list[str] | None, sequence: SequenceControl | None):
+                     requested: list[str] | None, sequence: SequenceControl | None, request_id: str,
+                     deadline: float):
         runtime = resolved.runtime
         output_names = [s.name for s in runtime.outputs]
         for name in requested or []:
@@ -107,33 +144,41 @@ class Scheduler:
             raise InvalidArgument(f"model '{runtime.name}' is bidirectional: a sequence must come whole in one request "
                                   "(sequence_start and sequence_end both true), not in chunks")
         batcher = self.batcher(runtime.name, resolved)
+        names = requested or output_names
         if sequence is None:
             full = self._with_zero_state(runtime, inputs, rows)
             outputs, queue_ns = await batcher.infer(full, rows)
-        else:
-            seq = self.sequences.open(runtime.name, sequence)
-            async with seq.lock:
-                full = dict(inputs)
-                for pair in runtime.state:
-                    if pair.input in full or seq.state is None:
-                        continue
-                    carried = seq.state[pair.output]
-                    if carried.shape[0] != rows:
-                        raise InvalidArgument(f"sequence {sequence.id!r}: input has batch {rows}, but its state "
-                                              f"'{pair.output}' has batch {carried.shape[0]}")
-                    full[pair.input] = carried
-                full = self._with_zero_state(runtime, full, rows)
-                try:
-                    outputs, queue_ns = await batcher.infer(full, rows)
-                except asyncio.CancelledError:  # its state never came back: a later chunk must not reuse the old
-                    self.sequences.close(seq)
-                    raise
-                seq.state = {pair.output: outputs[pair.output] for pair in runtime.state}
-                self.sequences.touch(seq)
-                if sequence.end:
-                    self.sequences.close(seq)
-        names = requested or output_names
-        return {n: outputs[n] for n in names}, queue_ns, rows
+            return {n: outputs[n] for n in names}, queue_ns, rows, None
+        step = self.sequences.reserve(runtime.name, sequence, request_id)
+        try:
+            turn = await self.sequences.turn(step)  # refusals resolve the step themselves
+        except asyncio.CancelledError:
+            self.sequences.abandon(step, _why_abandoned(deadline))
+            raise
+        try:
+            full = dict(inputs)
+            for pair in runtime.state:
+                if pair.input in full or turn.state is None:
+                    continue
+                carried = turn.state[pair.output]
+                if carried.shape[0] != rows:
+                    raise InvalidArgument(f"sequence {sequence.id!r}: input has batch {rows}, but its state "
+                                          f"'{pair.output}' has batch {carried.shape[0]}")
+                full[pair.input] = carried
+            full = self._with_zero_state(runtime, full, rows)
+            outputs, queue_ns = await batcher.infer(full, rows)
+        except asyncio.CancelledError:
+            self.sequences.abandon(step, _why_abandoned(deadline))
+            raise
+        except ServerError as exc:
+            self.sequences.abandon(step, f"failed ({exc.code.name}: {exc})")
+            raise
+        except BaseException as exc:
+            self.sequences.abandon(step, f"failed ({type(exc).__name__})")
+            raise
+        # No await between the run's end and the commit: a step is either applied and answered, or abandoned.
+        self.sequences.commit(step, turn, {pair.output: outputs[pair.output] for pair in runtime.state})
+        return {n: outputs[n] for n in names}, queue_ns, rows, turn
 
     @staticmethod
     def _with_zero_state(runtime, inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -157,3 +202,21 @@ def _batch_rows(inputs: dict[str, np.ndarray], max_batch_size: int, model: str) 
     if rows > max_batch_size or rows < 1:
         raise InvalidArgument(f"model '{model}': got batch size {rows}, expected 1..{max_batch_size}")
     return rows
+
+
+def failure_reason(exc: ServerError) -> str:
+    """Triton's failure reason for a refused request: BACKEND (the model failed), REJECTED (the server would not
+    take it: a bound, draining, or a sequence it cannot continue), OTHER (the request itself was wrong)."""
+    if isinstance(exc, Internal):
+        return "BACKEND"
+    if isinstance(exc, (ResourceExhausted, Unavailable, Aborted, FailedPrecondition)):
+        return "REJECTED"
+    return "OTHER"
+
+
+
+def _why_abandoned(deadline: float) -> str:
+    """What the steps after an abandoned one are told: its deadline passed, or its call was cancelled."""
+    if asyncio.get_running_loop().time() >= deadline:
+        return "passed its deadline before it was applied"
+    return "was cancelled (its call ended) before it was applied"

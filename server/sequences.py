@@ -1,4 +1,12 @@
-"""Live sequences: each keeps its recurrent state between requests; idle ones are evicted, their number bounded."""
+"""Live sequences as strictly ordered logs of steps: each step runs on exactly its predecessor's state, or is refused.
+
+A request of a sequence takes a place in its sequence's log when it arrives (`reserve`), waits until every
+earlier step is resolved (`turn`), and then either commits its new state (`commit`, a compare-and-set on the
+sequence's version) or is abandoned (`abandon`: cancelled, past its deadline, or failed). An abandoned step
+changes nothing, and every later step is refused with the reason until a sequence_start: a step never runs on
+a state other than the one its predecessor left. The same four calls are what a shared store (Redis: INCR for
+the place, a Lua compare-and-set on the version) implements.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -10,69 +18,183 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lstm_onnx.protocol.codec import SequenceControl
-from lstm_onnx.protocol.errors import InvalidArgument, ResourceExhausted
+from lstm_onnx.protocol.errors import Aborted, FailedPrecondition, Internal, InvalidArgument, ResourceExhausted
 
 log = logging.getLogger("lstm_onnx.server")
+
+State = dict[str, np.ndarray]
 
 
 @dataclass
 class Sequence:
-    """One live sequence: the state outputs of its last request, keyed by output name (hn, cn)."""
+    """One sequence id's log: places handed out and resolved, and the state its last applied step left."""
 
     key: tuple[str, int | str]
-    state: dict[str, np.ndarray] | None = None
+    issued: int = 0  # places handed out, in arrival order (1-based)
+    resolved: int = 0  # places resolved (applied, refused or abandoned); always a prefix of the issued ones
+    version: int = 0  # compare-and-set counter: +1 on every applied step
+    step: int = 0  # steps applied since the last sequence_start (1 = the start itself)
+    state: State | None = None  # None: zeros (nothing applied since the start)
+    last_request: str = ""  # request id of the last applied step
+    ended: str = ""  # set by an applied sequence_end: which request ended it
+    broken: str = ""  # why the log cannot go on (a step abandoned); cleared by the next sequence_start
     last_used: float = 0.0
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one request of a sequence at a time
+    abandoned_early: dict[int, str] = field(default_factory=dict)  # place -> reason, given up before its turn
+    waiters: dict[int, asyncio.Future] = field(default_factory=dict)  # place -> woken when its turn comes
+
+    @property
+    def busy(self) -> bool:
+        return self.resolved < self.issued
+
+
+@dataclass
+class Step:
+    """A request's place in its sequence's log, captured when it arrived."""
+
+    sequence: Sequence
+    place: int
+    control: SequenceControl
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Turn:
+    """What a step runs on once its turn has come: the state (None: zeros) and the version it must find on commit."""
+
+    state: State | None
+    version: int
+    step: int  # the number this step gets in the sequence (1 for a sequence_start)
+    previous_id: str  # request id of the step whose state this one continues ("" for a sequence_start)
 
 
 class SequenceStore:
-    """Sequences keyed by (model, sequence id); bounded in number and forgotten after an idle timeout."""
+    """In-memory sequences keyed by (model, sequence id); bounded in number and forgotten after an idle timeout.
 
-    def __init__(self, max_sequences: int, idle_timeout_s: float, clock: Callable[[], float] = time.monotonic):
+    Aborted sequences are kept (not counted as live, at most max_sequences of them) until they idle out, so a
+    client continuing one hears why it was aborted rather than "unknown".
+    """
+
+    def __init__(self, max_sequences: int, idle_timeout_s: float, clock: Callable[[], float] = time.monotonic,
+                 idle_timeouts: dict[str, float] | None = None):
         self.max_sequences = max_sequences
         self.idle_timeout_s = idle_timeout_s
+        self.idle_timeouts = dict(idle_timeouts or {})  # per model, from config.pbtxt; others use idle_timeout_s
         self._clock = clock
         self._live: dict[tuple[str, int | str], Sequence] = {}
 
     def __len__(self) -> int:
-        return len(self._live)
+        """Live sequences: those not aborted (a step of theirs pending counts them live too)."""
+        return sum(1 for s in self._live.values() if not s.broken or s.busy)
 
-    def open(self, model: str, control: SequenceControl) -> Sequence:
-        """The sequence a request continues, or a fresh one on sequence_start (which restarts a live id)."""
+    def __contains__(self, key: tuple[str, int | str]) -> bool:
+        """Whether (model, sequence id) is held: live, or aborted and not yet idled out."""
+        return key in self._live
+
+    def reserve(self, model: str, control: SequenceControl, request_id: str = "") -> Step:
+        """A place at the end of the sequence's log; refuses an id never started, and a new id beyond the limit."""
         self.evict_idle()
         key = (model, control.id)
         sequence = self._live.get(key)
-        if control.start:
-            if sequence is None and len(self._live) >= self.max_sequences:
-                raise ResourceExhausted(f"sequence {control.id!r}: {len(self._live)} sequences are live, the "
-                                        f"limit is {self.max_sequences}; end or let some expire first")
-            if sequence is None or not sequence.lock.locked():
-                sequence = Sequence(key)
-                self._live[key] = sequence
-            else:
-                sequence.state = None  # restarted while a request of it runs: that request finishes first
-        elif sequence is None:
-            raise InvalidArgument(f"sequence {control.id!r} for model '{model}': unknown (never started, ended, "
-                                  "or evicted after idling); its first request must set sequence_start")
+        if sequence is None:
+            if not control.start:
+                raise InvalidArgument(f"sequence {control.id!r} for model '{model}': unknown (never started, ended, "
+                                      "or evicted after idling); its first request must set sequence_start")
+            if len(self) >= self.max_sequences:
+                raise ResourceExhausted(f"sequence {control.id!r}: {len(self)} sequences are live on this server "
+                                        f"process, the limit is {self.max_sequences} (max_sequences, per worker); "
+                                        "end or let some expire first")
+            sequence = self._live[key] = Sequence(key)
+        sequence.issued += 1
         sequence.last_used = self._clock()
-        return sequence
+        return Step(sequence, sequence.issued, control, request_id)
 
-    def touch(self, sequence: Sequence) -> None:
-        """Mark a sequence used now (after its request ran), so idle time counts from the last answer."""
+    async def turn(self, step: Step) -> Turn:
+        """Wait until every earlier step of the sequence is resolved; then the state this step runs on.
+
+        Raises (and resolves the step as refused) when the step cannot run on its predecessor's state:
+        FailedPrecondition when the sequence was ended before its turn, Aborted when an earlier step was
+        abandoned. A sequence_start always runs, on zeros. Cancelled while waiting: the caller must `abandon`.
+        """
+        sequence = step.sequence
+        if sequence.resolved < step.place - 1:
+            waiter = asyncio.get_running_loop().create_future()
+            sequence.waiters[step.place] = waiter
+            try:
+                await waiter
+            finally:
+                sequence.waiters.pop(step.place, None)
+        if sequence.resolved != step.place - 1:
+            raise Internal(f"sequence {step.control.id!r}: place {step.place} woken with {sequence.resolved} resolved")
+        if step.control.start:
+            return Turn(None, sequence.version, 1, "")
+        if sequence.broken:
+            self._resolve(step)
+            raise Aborted(f"sequence {step.control.id!r}: {sequence.broken}; this request would run on the state "
+                          "from before it, so it is refused; start the sequence again with sequence_start")
+        if sequence.ended:
+            self._resolve(step)
+            raise FailedPrecondition(f"sequence {step.control.id!r}: ended by {sequence.ended} (sequence_end) before "
+                                     "this request's turn; start it again with sequence_start")
+        return Turn(sequence.state, sequence.version, sequence.step + 1, sequence.last_request)
+
+    def commit(self, step: Step, turn: Turn, state: State) -> None:
+        """Apply the step: compare-and-set on the version the turn saw; the step leaves `state` for the next."""
+        sequence = step.sequence
+        if sequence.resolved != step.place - 1 or sequence.version != turn.version:
+            raise Internal(f"sequence {step.control.id!r}: commit of place {step.place} at version {turn.version} "
+                           f"found {sequence.resolved} resolved, version {sequence.version}")
+        sequence.version += 1
+        sequence.step = turn.step
+        sequence.state = None if step.control.end else state
+        sequence.last_request = step.request_id
+        sequence.broken = ""
+        sequence.ended = f"step {turn.step} (request {step.request_id!r})" if step.control.end else ""
+        self._resolve(step)
+
+    def abandon(self, step: Step, reason: str) -> None:
+        """The step did not apply (cancelled, deadline, failed): nothing after it may run until a sequence_start."""
+        sequence = step.sequence
+        what = f"step (request {step.request_id!r}) {reason}"
+        if sequence.resolved >= step.place:  # already resolved (refused at its turn): keep the first reason
+            return
+        if sequence.resolved < step.place - 1:  # given up while waiting: resolved in order when its turn comes
+            sequence.abandoned_early[step.place] = what
+            return
+        sequence.broken = what
+        self._resolve(step)
+
+    def _resolve(self, step: Step) -> None:
+        sequence = step.sequence
+        sequence.resolved = step.place
         sequence.last_used = self._clock()
+        while sequence.resolved + 1 in sequence.abandoned_early:
+            sequence.broken = sequence.abandoned_early.pop(sequence.resolved + 1)
+            sequence.resolved += 1
+        waiter = sequence.waiters.get(sequence.resolved + 1)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if not sequence.busy and self._live.get(sequence.key) is sequence:
+            if sequence.ended:
+                del self._live[sequence.key]
+            elif sequence.broken:
+                self._bound_aborted()
 
-    def close(self, sequence: Sequence) -> None:
-        """Forget a sequence (on sequence_end)."""
-        if self._live.get(sequence.key) is sequence:
-            del self._live[sequence.key]
+    def _bound_aborted(self) -> None:
+        aborted = [k for k, s in self._live.items() if s.broken and not s.busy]
+        for key in sorted(aborted, key=lambda k: self._live[k].last_used)[:max(0, len(aborted) - self.max_sequences)]:
+            del self._live[key]
+
+    @property
+    def shortest_idle_timeout_s(self) -> float:
+        return min([self.idle_timeout_s, *self.idle_timeouts.values()])
 
     def evict_idle(self) -> list[tuple[str, int | str]]:
-        """Forget sequences idle longer than the timeout (not one with a request running)."""
+        """Forget sequences idle longer than their model's timeout (not one with a step pending)."""
         now = self._clock()
         stale = [k for k, s in self._live.items()
-                 if now - s.last_used > self.idle_timeout_s and not s.lock.locked()]
+                 if now - s.last_used > self.idle_timeouts.get(k[0], self.idle_timeout_s) and not s.busy]
         for key in stale:
             del self._live[key]
         if stale:
-            log.info("sequences evicted", extra={"fields": {"count": len(stale), "live": len(self._live)}})
+            log.info("sequences evicted", extra={"fields": {"count": len(stale), "live": len(self)}})
         return stale

@@ -1,6 +1,7 @@
 """The GRPCInferenceService servicer: protobuf in, numpy to the scheduler, protobuf out; nothing else."""
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -8,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 
 from lstm_onnx.protocol import codec
-from lstm_onnx.protocol.errors import NotFound, status_of
+from lstm_onnx.protocol.errors import status_of
 from lstm_onnx.protos import grpc_service_pb2 as pb
 from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
@@ -19,8 +20,12 @@ log = logging.getLogger("lstm_onnx.server")
 
 SERVER_NAME = "lstm-onnx"
 SERVER_VERSION = "0.1.0"
-# Only what this server really does: model_configuration, statistics, repository index, sequences.
-EXTENSIONS = ["model_configuration", "statistics", "model_repository", "sequence", "streaming"]
+# Only what this server really does: model_configuration, statistics, sequences (with string ids, which
+# Triton's protocol docs name "sequence(string_id)"), streaming. Not "model_repository": RepositoryModelLoad/
+# Unload are not implemented (the repository is read once at start-up, like Triton's --model-control-mode none).
+EXTENSIONS = ["model_configuration", "statistics", "sequence", "sequence(string_id)", "streaming"]
+# Parameter of a stream's error response that carries the status a unary call would have had.
+STREAM_ERROR_CODE = "error_code"
 
 
 def _status_on_error(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
@@ -47,6 +52,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.scheduler = scheduler
         self.max_streams = max_streams  # 0: no limit
         self.open_streams = 0
+        self.closing = asyncio.Event()  # set on drain: every stream ends after answering the request it holds
+        self.streams_closed = 0  # streams the drain ended (status UNAVAILABLE) rather than the client
 
     @_status_on_error
     async def ServerLive(self, request, context):
@@ -58,11 +65,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_status_on_error
     async def ModelReady(self, request, context):
-        entry = self.repository.get(request.name)
+        # Triton answers ready: false for a model or version it does not have, not NOT_FOUND.
         try:
-            ready = entry.resolve(request.version).ready
-        except NotFound:
-            raise
+            ready = self.repository.get(request.name).resolve(request.version).ready
         except Exception:
             ready = False
         return pb.ModelReadyResponse(ready=ready and not self.scheduler.draining)
@@ -133,37 +138,72 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_status_on_error
     async def ModelInfer(self, request, context):
-        return await self._infer(request)
+        return await self._infer(request, context.time_remaining())
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, time_remaining: float | None = None
+                     ) -> pb.ModelInferResponse:
         inputs, requested, sequence = codec.decode_request(request)
-        result = await self.scheduler.infer(request.model_name, request.model_version, inputs, requested, sequence)
-        return codec.encode_response(result.model, result.version, request.id, result.outputs)
+        result = await self.scheduler.infer(request.model_name, request.model_version, inputs, requested, sequence,
+                                            request.id, time_remaining)
+        response = codec.encode_response(result.model, result.version, request.id, result.outputs)
+        if result.sequence_step:
+            codec.encode_sequence_step(response, result.sequence_step, result.sequence_previous_id)
+        return response
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """One response per request, in order; a failed request answers error_message and the stream goes on."""
         if self.max_streams and self.open_streams >= self.max_streams:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"{self.open_streams} streams are open, the limit is {self.max_streams} "
-                                "(max_concurrent_streams); close one or use ModelInfer")
+                                f"{self.open_streams} streams are open on this server process, the limit is "
+                                f"{self.max_streams} (max_concurrent_streams, per worker); close one or use ModelInfer")
+        # Triton's opt-in: with header triton_grpc_error: true an error ends the stream with its real status.
+        grpc_errors = dict(context.invocation_metadata() or ()).get("triton_grpc_error", "").lower() == "true"
         self.open_streams += 1
         try:
-            async for response in self._stream(request_iterator):
+            async for response in self._stream(request_iterator, context):
+                if grpc_errors and response.error_message:
+                    code = grpc.StatusCode[response.infer_response.parameters[STREAM_ERROR_CODE].string_param]
+                    await context.abort(code, response.error_message)
                 yield response
         finally:
             self.open_streams -= 1
 
-    async def _stream(self, request_iterator) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        async for request in request_iterator:
-            try:
-                response = await self._infer(request)
-            except Exception as exc:
-                code, message = status_of(exc)
-                if code == grpc.StatusCode.INTERNAL:
-                    log.exception("internal error", extra={"fields": {"rpc": "ModelStreamInfer"}})
-                yield pb.ModelStreamInferResponse(
-                    error_message=message,
-                    infer_response=pb.ModelInferResponse(model_name=request.model_name,
-                                                         model_version=request.model_version, id=request.id))
-                continue
-            yield pb.ModelStreamInferResponse(infer_response=response)
+    async def _stream(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        requests = aiter(request_iterator)
+        answered = 0
+        closing = asyncio.ensure_future(self.closing.wait())  # one waiter per stream, not per request
+        try:
+            while True:
+                # Race the next read against the drain, so a stream whose client keeps sending still ends: the
+                # request it holds is answered (or refused), and the rest are refused by the stream's status.
+                read = asyncio.ensure_future(anext(requests))
+                if not closing.done():
+                    await asyncio.wait((read, closing), return_when=asyncio.FIRST_COMPLETED)
+                if not read.done():
+                    # Leave the pending read to the call (it ends with it): cancelling a read that grpc core
+                    # has started fails the whole call with INTERNAL 'Internal error from Core'.
+                    read.add_done_callback(lambda t: t.cancelled() or t.exception())
+                    self.streams_closed += 1
+                    await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                        f"server is shutting down: this stream's {answered} requests were answered, "
+                                        "any later one was not read; send it to another server")
+                try:
+                    request = read.result()
+                except StopAsyncIteration:
+                    return
+                answered += 1
+                try:
+                    response = await self._infer(request)
+                except Exception as exc:
+                    code, message = status_of(exc)
+                    if code == grpc.StatusCode.INTERNAL:
+                        log.exception("internal error", extra={"fields": {"rpc": "ModelStreamInfer"}})
+                    # The same text as the unary call; its status name rides along as a response parameter.
+                    failed = pb.ModelInferResponse(model_name=request.model_name,
+                                                   model_version=request.model_version, id=request.id)
+                    failed.parameters[STREAM_ERROR_CODE].string_param = code.name
+                    yield pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
+                    continue
+                yield pb.ModelStreamInferResponse(infer_response=response)
+        finally:
+            closing.cancel()

@@ -12,6 +12,7 @@ ENV_PREFIX = "LSTM_ONNX_"
 PROVIDERS = ("auto", "cpu", "cuda")
 LOG_FORMATS = ("kv", "json")
 EVENT_LOOPS = ("auto", "asyncio", "uvloop")
+BOOLEANS = ("true", "false")  # Triton spells its boolean flags this way
 
 
 def _setting(default: Any, help: str, **extra: Any) -> Any:
@@ -45,12 +46,16 @@ class ServerSettings:
     max_queue_delay_us: int = _setting(500, "dynamic batching: longest wait for more requests while the model is "
                                        "busy, when config.pbtxt's dynamic_batching does not say; an idle model "
                                        "runs at once")
-    sequence_idle_timeout_s: float = _setting(60.0, "a sequence with no request for this long is forgotten")
-    max_sequences: int = _setting(1024, "most live sequences over all models; a new one beyond it is refused")
+    sequence_idle_timeout_s: float = _setting(60.0, "a sequence with no request for this long is forgotten, when "
+                                              "config.pbtxt has no sequence_batching (its idle timeout wins)")
+    max_sequences: int = _setting(1024, "most live sequences over all models in one server process (per worker "
+                                  "with --workers: a connection's sequences live on its worker); a new one beyond "
+                                  "it is refused")
     request_timeout_s: float = _setting(60.0, "longest one request may spend in the server (queue and run) before it "
                                         "gets DEADLINE_EXCEEDED; 0 means no limit")
-    max_concurrent_streams: int = _setting(256, "most ModelStreamInfer streams open at once over all clients; one "
-                                           "more is refused with RESOURCE_EXHAUSTED")
+    max_concurrent_streams: int = _setting(256, "most ModelStreamInfer streams open at once in one server process "
+                                           "(per worker with --workers: N workers take N times this); one more is "
+                                           "refused with RESOURCE_EXHAUSTED")
     http_max_connections: int = _setting(1024, "most HTTP connections open at once on the REST port; one more is "
                                          "answered 503 and closed")
     http_max_header_bytes: int = _setting(8190, "longest HTTP request line or header field; a longer one is refused "
@@ -67,6 +72,11 @@ class ServerSettings:
                             "metrics-port + i (0: a free port each, -1: none); SIGTERM drains them all")
     event_loop: str = _setting("auto", "event loop under grpc.aio: auto uses uvloop when it is installed (cheaper "
                                "per request), else asyncio's own", choices=EVENT_LOOPS)
+    exit_on_error: str = _setting("true", "as in Triton: an empty repository or a model that fails to load ends "
+                                  "start-up with one line and exit 1; false serves the models that loaded",
+                                  choices=BOOLEANS)
+    strict_readiness: str = _setting("true", "as in Triton: ServerReady and health say ready only while every model "
+                                     "is ready; false: ready as soon as the server serves", choices=BOOLEANS)
     grace_period_s: float = _setting(10.0, "on SIGTERM/SIGINT, how long in-flight requests get to finish")
     log_format: str = _setting("kv", "log lines on stderr: kv (key=value) or json", choices=LOG_FORMATS)
     log_level: str = _setting("INFO", "logging level (DEBUG, INFO, WARNING, ERROR)")
@@ -82,6 +92,9 @@ class ServerSettings:
             raise ValueError(f"intra_op_spinning: got {self.intra_op_spinning!r}, expected off or on")
         if self.event_loop not in EVENT_LOOPS:
             raise ValueError(f"event_loop: got {self.event_loop!r}, expected one of {', '.join(EVENT_LOOPS)}")
+        for name in ("exit_on_error", "strict_readiness"):
+            if getattr(self, name) not in BOOLEANS:
+                raise ValueError(f"{name}: got {getattr(self, name)!r}, expected true or false")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"log_format: got {self.log_format!r}, expected one of {', '.join(LOG_FORMATS)}")
         for name in ("grpc_port", "http_port", "metrics_port"):

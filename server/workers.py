@@ -1,7 +1,9 @@
 """Several server processes on one gRPC port (SO_REUSEPORT): start, wait until all serve, drain all on SIGTERM.
 
 The kernel spreads new connections over the processes; a connection, so every stream and every sequence sent on
-it, stays on the process that accepted it. Each process has its own models, batcher and sequence store.
+it, stays on the process that accepted it. Each process has its own models, batcher and sequence store, so the
+limits on streams and sequences are per worker. A worker that dies while serving is restarted in its slot; the
+others keep serving, and the new one's metrics count the restarts of its slot (lstm_onnx_worker_restarts).
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker_main(settings: ServerSettings, index: int, ready: Connection) -> None:
+def _worker_main(settings: ServerSettings, index: int, ready: Connection, restarts: int = 0) -> None:
     """Entry point of one worker process (spawned): serve until SIGTERM/SIGINT, then drain."""
     from .logs import configure_logging
 
@@ -53,20 +55,21 @@ def _worker_main(settings: ServerSettings, index: int, ready: Connection) -> Non
     try:
         from .app import run_event_loop
 
-        run_event_loop(_serve_worker(settings, ready), settings.event_loop)
+        run_event_loop(_serve_worker(settings, ready, index, restarts), settings.event_loop)
     except Exception as exc:  # the parent reports it in one line
         ready.send(("failed", f"worker {index}: {type(exc).__name__}: {exc}".splitlines()[0]))
         raise SystemExit(1) from None
 
 
-async def _serve_worker(settings: ServerSettings, ready: Connection) -> None:
+async def _serve_worker(settings: ServerSettings, ready: Connection, index: int, restarts: int) -> None:
     from .app import start_server
+    from .metrics import Metrics
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    running = await start_server(settings)
+    running = await start_server(settings, Metrics(worker=index, worker_restarts=restarts))
     ready.send(("ready", running.metrics_port))
     await stop.wait()
     await running.stop()
@@ -97,25 +100,47 @@ def run_workers(settings: ServerSettings) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     processes, pipes = [], []
+    restarts = [0] * settings.workers
+
+    def spawn(index: int):
+        parent_end, child_end = context.Pipe(duplex=False)
+        process = context.Process(target=_worker_main, name=f"lstm-onnx-worker-{index}",
+                                  args=(worker_settings(settings, index, port), index, child_end, restarts[index]))
+        process.start()
+        child_end.close()
+        return process, parent_end
+
     try:
         for index in range(settings.workers):
-            parent_end, child_end = context.Pipe(duplex=False)
-            process = context.Process(target=_worker_main, name=f"lstm-onnx-worker-{index}",
-                                      args=(worker_settings(settings, index, port), index, child_end))
-            process.start()
-            child_end.close()
+            process, pipe = spawn(index)
             processes.append(process)
-            pipes.append(parent_end)
+            pipes.append(pipe)
         metrics_ports = _wait_ready(processes, pipes, lambda: stopping)
         if metrics_ports is not None:
             log.info("workers serving", extra={"fields": {"grpc": f"{settings.host}:{port}",
                                                           "workers": settings.workers,
-                                                          "metrics_ports": metrics_ports}})
+                                                          "pids": [p.pid for p in processes],
+                                                          "metrics_ports": metrics_ports,
+                                                          "limits_per_worker": {
+                                                              "max_concurrent_streams": settings.max_concurrent_streams,
+                                                              "max_sequences": settings.max_sequences}}})
             while not stopping:
-                if wait([p.sentinel for p in processes], timeout=0.2):
-                    dead = [p for p in processes if p.exitcode is not None]
-                    raise WorkerFailed(f"worker {processes.index(dead[0])} exited with code {dead[0].exitcode} "
-                                       "while serving; stopping the others")
+                if not wait([p.sentinel for p in processes], timeout=0.2) or stopping:
+                    continue
+                for index, process in enumerate(processes):
+                    if process.exitcode is None:
+                        continue
+                    # One worker's death must not take the others down: restart its slot. A worker that then fails
+                    # to start raises WorkerFailed, so a broken repository does not restart forever.
+                    log.warning("worker died, restarting it", extra={"fields": {
+                        "worker": index, "pid": process.pid, "exit_code": process.exitcode}})
+                    restarts[index] += 1
+                    processes[index], pipes[index] = spawn(index)
+                    ports = _wait_ready([processes[index]], [pipes[index]], lambda: stopping)
+                    if ports is not None:
+                        log.info("worker restarted", extra={"fields": {
+                            "worker": index, "pid": processes[index].pid, "restarts": restarts[index],
+                            "metrics_port": ports[0]}})
         log.info("signal received", extra={"fields": {"grace_s": settings.grace_period_s, "workers": len(processes)}})
         return 0 if _stop_all(processes, settings.grace_period_s) else 1
     except BaseException:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -46,3 +47,27 @@ def build_repository(tiny_repository: Path, dest: Path) -> Path:
 
 def sample_input(batch: int, time: int, features: int = 1, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, time, features)).astype(np.float32)
+
+
+MARK = 7.0  # a request whose first input value is this is held in onnxruntime until the gate opens
+
+
+class Gate:
+    """Holds the runs of marked requests before onnxruntime starts them, so a test can order the next arrivals
+    behind a running step; `held` is set when one is held, `release` lets it (and later ones) run."""
+
+    def __init__(self, runtime):
+        self.runtime, self.original = runtime, runtime.predict
+        self.held, self.release = threading.Event(), threading.Event()
+
+        def predict(inputs, *args, **kwargs):
+            if inputs["input"].reshape(-1)[0] == MARK:
+                self.held.set()
+                assert self.release.wait(30), "the test never opened the gate"
+            return self.original(inputs, *args, **kwargs)
+
+        runtime.predict = predict
+
+    def close(self) -> None:
+        self.release.set()
+        self.runtime.predict = self.original

@@ -105,9 +105,13 @@ def test_config_pbtxt_parses_as_triton_model_config(tiny_gru_run_dir, tmp_path):
     text = (tmp_path / "g" / "config.pbtxt").read_text()
     config = text_format.Parse(text, model_config_pb2.ModelConfig())
     assert config.name == "g" and config.platform == "onnxruntime_onnx" and config.max_batch_size == 16
-    assert [(i.name, list(i.dims), i.optional) for i in config.input] == [("input", [-1, 1], False), ("h0", [2, 8], True)]
+    assert [(i.name, list(i.dims), i.optional) for i in config.input] == [("input", [-1, 1], False)]
     assert [(o.name, list(o.dims)) for o in config.output] == [("output", [4]), ("hn", [2, 8])]
-    assert config.dynamic_batching.max_queue_delay_microseconds > 0
+    # h0 is implicit state, fed back from hn by the sequence batcher (tests/test_triton_rules.py checks the rules).
+    states = [(s.input_name, s.output_name, list(s.dims)) for s in config.sequence_batching.state]
+    assert states == [("h0", "hn", [2, 8])]
+    assert config.sequence_batching.oldest.max_queue_delay_microseconds > 0
+    assert list(config.sequence_batching.oldest.preferred_batch_size) == [16]
     assert (tmp_path / "g" / "3" / "model.onnx").is_file()
 
 
@@ -171,7 +175,10 @@ def test_verify_cli_passes_and_reports_tolerance(tiny_run_dir, tmp_path):
     assert set(report["parity"]["fp32_floor"]) == {"output", "hn", "cn"}
     assert all(0 <= v < 1e-3 for v in report["parity"]["fp32_floor"].values())
     text = _cli("verify", str(tmp_path / "m" / "1" / "model.onnx"), "--checkpoint", str(tiny_run_dir))
-    assert "tolerance that would have passed" in text.stdout and "PASSED" in text.stdout
+    assert "parity passed: onnxruntime (CPU) against PyTorch on " in text.stdout and "PASSED" in text.stdout
+    assert "tolerance that would have passed" not in text.stdout  # the table waits for --table
+    table = _cli("verify", str(tmp_path / "m" / "1" / "model.onnx"), "--checkpoint", str(tiny_run_dir), "--table")
+    assert "tolerance that would have passed" in table.stdout and "CPUExecutionProvider   output" in table.stdout
 
 
 def test_verify_fails_against_another_checkpoint(tiny_run_dir, make_run_dir, tmp_path):

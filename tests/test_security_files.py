@@ -98,8 +98,8 @@ def hostile_server(hostile_repository):
     from lstm_onnx.server.settings import ServerSettings
 
     repo, _ = hostile_repository
-    with BackgroundServer(ServerSettings(model_repository=str(repo), grpc_port=0,
-                                         metrics_port=-1, http_port=-1)) as srv:
+    with BackgroundServer(ServerSettings(model_repository=str(repo), grpc_port=0, metrics_port=-1, http_port=-1,
+                                         exit_on_error="false")) as srv:
         channel = grpc.insecure_channel(srv.url)
         yield pb_grpc.GRPCInferenceServiceStub(channel)
         channel.close()

@@ -53,7 +53,7 @@ def test_idle_model_runs_at_once_without_waiting_for_the_delay():
     class Echo:
         name, version = "echo", 1
 
-        def predict(self, inputs, outputs=None):
+        def predict(self, inputs, outputs=None, lengths=None, run_options=None):
             return {"y": inputs["x"] * 2}
 
     async def main():

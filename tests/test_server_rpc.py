@@ -16,7 +16,9 @@ def server(tiny_repository, tmp_path_factory):
     from lstm_onnx.server.settings import ServerSettings
 
     repo = build_repository(tiny_repository, tmp_path_factory.mktemp("rpc") / "repo")
-    settings = ServerSettings(model_repository=str(repo), grpc_port=0, metrics_port=0, http_port=-1)
+    # A broken model beside good ones: the others serve (Triton with --exit-on-error=false).
+    settings = ServerSettings(model_repository=str(repo), grpc_port=0, metrics_port=0, http_port=-1,
+                              exit_on_error="false")
     with BackgroundServer(settings) as srv:
         yield srv
 
@@ -95,7 +97,8 @@ def test_statistics_and_metrics_count_requests(server, triton):
                 "nv_inference_compute_infer_duration_us": "counter", "nv_inference_pending_request_count": "gauge"}
     assert {name: families[name].type for name in expected} == expected
     for name in expected:
-        assert all(set(s.labels) == {"model", "version"} for s in families[name].samples), name
+        labels = {"model", "reason", "version"} if name == "nv_inference_request_failure" else {"model", "version"}
+        assert all(set(s.labels) == labels for s in families[name].samples), name
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(f"http://127.0.0.1:{server.running.metrics_port}/nope", timeout=10)
 

@@ -7,7 +7,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from server_models import sample_input
+from server_models import MARK, Gate, sample_input
 
 
 def _start(repo, **overrides):
@@ -94,12 +94,15 @@ def test_unknown_sequence_without_start_is_invalid_argument(server):
             client.infer("tiny_gru", {"input": sample_input(1, 3)}, sequence=SequenceControl(5))
 
 
-def test_idle_sequences_are_evicted_and_live_ones_bounded(tiny_repository):
+def test_idle_sequences_are_evicted_and_live_ones_bounded(tiny_run_dir, tmp_path):
     from lstm_onnx.client.client import ClientError, InferenceClient
+    from lstm_onnx.export.repository import export_to_repository
     from lstm_onnx.server.sequences import SequenceControl
 
+    # A stateless config gives no idle timeout, so the server's setting applies (sequence_batching's would win).
+    export_to_repository(tiny_run_dir, tmp_path, name="tiny_lstm", config_style="stateless")
     x = sample_input(1, 3)
-    with _start(tiny_repository, sequence_idle_timeout_s=0.3, max_sequences=2) as srv:
+    with _start(tmp_path, sequence_idle_timeout_s=0.3, max_sequences=2) as srv:
         with InferenceClient(srv.url) as client:
             client.infer("tiny_lstm", {"input": x}, sequence=SequenceControl(1, start=True))
             client.infer("tiny_lstm", {"input": x}, sequence=SequenceControl(2, start=True))
@@ -146,3 +149,164 @@ def test_bidirectional_model_takes_a_sequence_only_whole(make_run_dir, tmp_path)
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert "bidirectional" in str(info.value)
         assert client.infer("bi", {"input": x})["output"].shape == (1, 4)
+
+
+# --- Races: a step runs on exactly its predecessor's state, or is refused with the reason -----------------------
+
+@pytest.fixture
+def gate(server):
+    g = Gate(server.running.repository.get("tiny_lstm").resolve("").runtime)
+    yield g
+    g.close()
+
+
+def _marked(seed: int, time_steps: int = 5) -> np.ndarray:
+    x = sample_input(1, time_steps, seed=seed)
+    x[0, 0, 0] = MARK
+    return x
+
+
+def _request(x, request_id: str, sequence_id=11, start=False, end=False):
+    from lstm_onnx.protocol.codec import SequenceControl, encode_request
+
+    return encode_request("tiny_lstm", {"input": x}, sequence=SequenceControl(sequence_id, start, end),
+                          request_id=request_id)
+
+
+def _wait_in_flight(srv, want: int, at_most: bool = False) -> None:
+    """Until the server holds `want` requests (each past its arrival in the sequence store), or no more."""
+    deadline = time.monotonic() + 30
+    while srv.running.scheduler.in_flight > want if at_most else srv.running.scheduler.in_flight != want:
+        assert time.monotonic() < deadline, f"requests in flight: got {srv.running.scheduler.in_flight}, expected {want}"
+        time.sleep(0.001)
+    srv.call(_noop())  # the loop has finished the step in which the last one arrived
+
+
+async def _noop() -> None:
+    return None
+
+
+def _send(stub, request, via: str, timeout: float = 30):
+    """One request over ModelInfer or alone on a fresh ModelStreamInfer; the response or the grpc.RpcError /
+    stream error message."""
+    from lstm_onnx.protos import grpc_service_pb2 as pb
+
+    try:
+        if via == "unary":
+            return stub.ModelInfer(request, timeout=timeout)
+        response = next(iter(stub.ModelStreamInfer(iter([request]), timeout=timeout)))
+    except grpc.RpcError as exc:
+        return exc
+    if response.error_message:
+        return RuntimeError(response.error_message)
+    assert isinstance(response.infer_response, pb.ModelInferResponse)
+    return response.infer_response
+
+
+def _fresh(stub, x) -> dict[str, np.ndarray]:
+    from lstm_onnx.protocol.codec import decode_response, encode_request
+
+    return decode_response(stub.ModelInfer(encode_request("tiny_lstm", {"input": x}), timeout=30))
+
+
+def _assert_answer(response, want: dict[str, np.ndarray], what: str) -> None:
+    from lstm_onnx.protocol.codec import decode_response
+
+    assert not isinstance(response, Exception), f"{what}: got {response!r}, expected an answer"
+    got = decode_response(response)
+    for name in ("output", "hn", "cn"):
+        diff = float(np.max(np.abs(got[name] - want[name])))
+        assert diff <= 1e-5, f"{what}: output {name!r} differs from a fresh run by {diff:.3g}, expected <= 1e-5"
+
+
+@pytest.fixture
+def stub(server):
+    from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(server.url) as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def _in_thread(fn, *args):
+    import concurrent.futures
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    future = pool.submit(fn, *args)
+    pool.shutdown(wait=False)
+    return future
+
+
+def test_start_on_a_live_id_waits_for_its_running_step_then_starts_fresh(server, gate, stub):
+    a, b, c = sample_input(1, 4, seed=20), _marked(21), sample_input(1, 3, seed=22)
+    assert not isinstance(_send(stub, _request(a, "A", start=True), "unary"), Exception)
+    running = _in_thread(_send, stub, _request(b, "B"), "unary")
+    assert gate.held.wait(30), "step B never reached onnxruntime"
+    restart = _in_thread(_send, stub, _request(c, "C", start=True), "unary")
+    _wait_in_flight(server, 2)
+    gate.release.set()
+    _assert_answer(running.result(30), _fresh(stub, np.concatenate([a, b], axis=1)), "B (running when C restarted)")
+    _assert_answer(restart.result(30), _fresh(stub, c), "C (a sequence_start on the live id)")
+
+
+@pytest.mark.parametrize("via", ["unary", "stream"])
+def test_two_concurrent_starts_on_one_id_each_start_fresh(server, gate, stub, via):
+    first, second = _marked(30), sample_input(1, 6, seed=31)
+    one = _in_thread(_send, stub, _request(first, "S1", sequence_id=12, start=True), via)
+    assert gate.held.wait(30), "the first start never reached onnxruntime"
+    two = _in_thread(_send, stub, _request(second, "S2", sequence_id=12, start=True), via)
+    _wait_in_flight(server, 2)
+    gate.release.set()
+    _assert_answer(one.result(30), _fresh(stub, first), "the first start")
+    _assert_answer(two.result(30), _fresh(stub, second), "the second start (it must not continue the first)")
+
+
+@pytest.mark.parametrize("how", ["cancel", "deadline"])
+def test_step_behind_a_cancelled_step_is_aborted_never_run_on_the_older_state(server, gate, stub, how):
+    a, b, c = sample_input(1, 4, seed=40), _marked(41), sample_input(1, 3, seed=42)
+    assert not isinstance(_send(stub, _request(a, "A", sequence_id=13, start=True), "unary"), Exception)
+    if how == "cancel":
+        doomed = stub.ModelInfer.future(_request(b, "B", sequence_id=13), timeout=30)
+    else:
+        doomed = _in_thread(_send, stub, _request(b, "B", sequence_id=13), "unary", 0.5)
+    assert gate.held.wait(30), "step B never reached onnxruntime"
+    behind = _in_thread(_send, stub, _request(c, "C", sequence_id=13), "unary")
+    _wait_in_flight(server, 2)
+    if how == "cancel":
+        doomed.cancel()
+    else:
+        assert doomed.result(30).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    _wait_in_flight(server, 1, at_most=True)  # B abandoned on the server
+    gate.release.set()
+    refused = behind.result(30)
+    assert isinstance(refused, grpc.RpcError), f"C: got an answer {refused!r}, expected ABORTED (B never applied)"
+    assert refused.code() == grpc.StatusCode.ABORTED, f"C: got {refused.code()}, expected ABORTED"
+    assert "'B'" in refused.details() and "before it was applied" in refused.details(), refused.details()
+    after = _send(stub, _request(c, "D", sequence_id=13), "unary")  # the sequence stays aborted, saying why
+    assert isinstance(after, grpc.RpcError) and after.code() == grpc.StatusCode.ABORTED, after
+    _assert_answer(_send(stub, _request(c, "E", sequence_id=13, start=True), "unary"), _fresh(stub, c),
+                   "a new start after the abort")
+
+
+def test_step_behind_sequence_end_is_refused_with_failed_precondition(server, gate, stub):
+    a, b, c = sample_input(1, 4, seed=50), _marked(51), sample_input(1, 3, seed=52)
+    assert not isinstance(_send(stub, _request(a, "A", sequence_id=14, start=True), "unary"), Exception)
+    ending = _in_thread(_send, stub, _request(b, "B", sequence_id=14, end=True), "unary")
+    assert gate.held.wait(30), "step B never reached onnxruntime"
+    behind = _in_thread(_send, stub, _request(c, "C", sequence_id=14), "unary")
+    _wait_in_flight(server, 2)
+    gate.release.set()
+    _assert_answer(ending.result(30), _fresh(stub, np.concatenate([a, b], axis=1)), "B (the sequence_end)")
+    refused = behind.result(30)
+    assert isinstance(refused, grpc.RpcError), f"C: got an answer {refused!r}, expected FAILED_PRECONDITION"
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION, f"C: got {refused.code()}"
+    assert "ended by step 2 (request 'B')" in refused.details(), refused.details()
+    assert ("tiny_lstm", 14) not in server.running.scheduler.sequences, "the ended sequence is still held"
+
+
+def test_answers_say_which_step_they_are_and_what_they_continued(stub):
+    from lstm_onnx.protocol.codec import decode_sequence_step
+
+    x = sample_input(1, 6, seed=60)
+    steps = [decode_sequence_step(_send(stub, _request(x[:, i:i + 2], f"r{i}", sequence_id="named", start=i == 0,
+                                                       end=i == 2), "stream")) for i in range(3)]
+    assert steps == [(1, ""), (2, "r0"), (3, "r1")]

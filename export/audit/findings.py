@@ -8,14 +8,16 @@ Codes and severities (error = exit 1):
   NO_RECURRENT_OP    error    no LSTM/GRU node (e.g. the recurrence is a Loop/Scan)
   UNRESOLVED_WEIGHT  error    W/R/B/P is computed at run time, the audit cannot see it
   EXTERNAL_DATA      error    external data outside the model folder, a link, or out of bounds
-  MALFORMED_NODE     error    W/R/B/P shapes or attributes contradict the operator spec
+  MALFORMED_NODE     error    W/R/B/P shapes or attributes contradict the operator spec, or the initial
+                              state, declared outputs or next layer around a node contradict its sizes (shapes.py)
+  CHANGED_GATES      error    with --against --fail-on-change: a tensor or the structure differs (info without)
   UNTRAINED_GATE     error    with --checkpoint: training ran but this gate equals init.safetensors
                      warning  ... and the whole checkpoint equals its init (training never ran)
   ZERO_GATE          warning  an all-zero W or R gate block (the gate ignores its input)
   CONSTANT_GATE      warning  a W or R gate block with one repeated non-zero value
   OVERRIDABLE_WEIGHT warning  a weight initializer that is also a graph input
   UNSUPPORTED_OP     warning  plain RNN nodes (not audited)
-  BIAS_FOLDED, NO_BIAS, NO_CONTRACT, UNTRAINED_UNKNOWN, LOOP_PRESENT   info
+  BIAS_FOLDED, NO_BIAS, NO_CONTRACT, UNTRAINED_UNKNOWN, LOOP_PRESENT, UNCHANGED   info
 """
 from __future__ import annotations
 
@@ -154,8 +156,11 @@ def check_digests(audit: Audit) -> None:
     missing = sorted(computed.keys() - recorded.keys())
     extra = sorted(recorded.keys() - computed.keys())
     if differ:
-        audit.add("DIGEST_MISMATCH", "error", f"{len(differ)} gate tensor(s) differ from the digest recorded at export: "
-                  f"{_list(differ)}", differ)
+        quantized_later = any(x.op_type for x in audit.layers) and "quantization" not in audit.contract
+        hint = (" (the model was quantized after export: its contract still records the float gates; compare it "
+                "with --against FLOAT.onnx)" if quantized_later else "")
+        audit.add("DIGEST_MISMATCH", "error", f"{len(differ)} gate tensor(s) differ from the digest recorded at export"
+                  f"{hint}: {_list(differ)}", differ)
     if missing:
         audit.add("DIGEST_MISMATCH", "error", f"{len(missing)} gate tensor(s) have no recorded digest: {_list(missing)}", missing)
     if extra:

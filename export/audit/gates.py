@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import numpy as np
 
+from lstm_onnx.contract import MS_DOMAIN, ONNX_DOMAINS, QUANTIZED_RECURRENT_OPS, RECURRENT_OPS, initializer_names
 from lstm_onnx.contract import ONNX_GATE_ORDER as ONNX_ORDER
 from lstm_onnx.contract import PYTORCH_GATE_ORDER as PYTORCH_ORDER
-from lstm_onnx.contract import initializer_names
 
 from .result import DIRECTIONS, GateTensor
 
@@ -33,6 +34,15 @@ class GateShapeError(ValueError):
     """A recurrent node's W/R/B/P does not have the shape the operator spec requires."""
 
 
+def cell_of(node: Any) -> str | None:
+    """The cell a node computes ("LSTM"/"GRU"), for ONNX's ops and onnxruntime's quantized ones; None otherwise."""
+    if node.domain in ONNX_DOMAINS and node.op_type in RECURRENT_OPS:
+        return node.op_type
+    if node.domain == MS_DOMAIN:
+        return QUANTIZED_RECURRENT_OPS.get(node.op_type)
+    return None
+
+
 def gate_digest(array: np.ndarray) -> str:
     """SHA-256 of the slice as contiguous little-endian float32 bytes (docs/contract.md)."""
     data = np.ascontiguousarray(array, dtype="<f4")
@@ -49,27 +59,29 @@ def split_gates(
 ) -> list[GateTensor]:
     """Slice W, R, B (optional) and P (optional, LSTM only) of one node into GateTensors.
 
-    `tensors` maps the operator's input names ("W", "R", "B", "P") to arrays; `sources` to the names
-    shown as their origin. Shapes are checked against the spec: W [D, G*H, in], R [D, G*H, H],
-    B [D, 2*G*H], P [D, 3*H].
+    `tensors` maps the operator's input names ("W", "R", "B", "P") to arrays (None: not resolved, skipped);
+    `sources` to the names shown as their origin. Shapes are checked against the spec: W [D, G*H, in],
+    R [D, G*H, H], B [D, 2*G*H], P [D, 3*H]. Gates come kind by kind: W, R, then bW/bR, then P.
     """
     order = ONNX_ORDER[op]
     dirs = DIRECTIONS[direction]
     g, h, d = len(order), hidden, len(dirs)
     node = f"layer{layer} {op}"
-    w, r = tensors["W"], tensors["R"]
-    if w is None or r is None:
-        raise GateShapeError(f"{node}: W and R are required")
-    if w.ndim != 3 or w.shape[:2] != (d, g * h):
+    w, r = tensors.get("W"), tensors.get("R")
+    if w is not None and (w.ndim != 3 or w.shape[:2] != (d, g * h)):
         raise GateShapeError(f"{node} W '{sources['W']}': got shape {list(w.shape)}, expected [{d}, {g * h}, input]")
-    _expect_shape(node, "R", sources, r, (d, g * h, h))
+    if r is not None:
+        _expect_shape(node, "R", sources, r, (d, g * h, h))
     out: list[GateTensor] = []
-    for di, dname in enumerate(dirs):
-        for gi, gate in enumerate(order):
-            rows = slice(gi * h, (gi + 1) * h)
-            span = f"{rows.start}:{rows.stop}"
-            out.append(GateTensor(layer, dname, gate, "W", w[di, rows, :], sources["W"], f"[{di}, {span}, :]"))
-            out.append(GateTensor(layer, dname, gate, "R", r[di, rows, :], sources["R"], f"[{di}, {span}, :]"))
+    for kind, fused in (("W", w), ("R", r)):
+        if fused is None:  # not resolved: the other tensors are still split (a partial audit, not none)
+            continue
+        for di, dname in enumerate(dirs):
+            for gi, gate in enumerate(order):
+                rows = slice(gi * h, (gi + 1) * h)
+                span = f"{rows.start}:{rows.stop}"
+                out.append(GateTensor(layer, dname, gate, kind, fused[di, rows, :], sources[kind],
+                                      f"[{di}, {span}, :]"))
     b = tensors.get("B")
     if b is not None:
         _expect_shape(node, "B", sources, b, (d, 2 * g * h))

@@ -9,11 +9,16 @@ from typing import Any
 import numpy as np
 import onnx
 
-from lstm_onnx.contract import ONNX_DOMAINS, RECURRENT_OPS, read_contract
+from lstm_onnx.contract import ONNX_DOMAINS, read_contract
 
 from .external import ExternalDataError, tensor_to_array
-from .gates import GateShapeError, split_gates
-from .result import DIRECTIONS, Audit, AuditInputError, HeadTensor, Layer
+from .folding import FoldError, fold_constant
+from .gates import ONNX_ORDER as ONNX_ORDER_OF
+from .gates import GateShapeError, cell_of, split_gates
+from .heads import FLOAT_TYPES, collect_head
+from .quantized import QUANT_ROLES, attach_quantization, dequantize_recurrent
+from .result import DIRECTIONS, Audit, AuditInputError, Layer
+from .shapes import check_node_shapes
 
 LOOP_OPS = ("Loop", "Scan")
 # Operator input positions (ONNX spec) of the tensors the audit reads.
@@ -21,8 +26,9 @@ ROLES: dict[str, dict[str, int]] = {
     "LSTM": {"W": 1, "R": 2, "B": 3, "sequence_lens": 4, "initial_h": 5, "initial_c": 6, "P": 7},
     "GRU": {"W": 1, "R": 2, "B": 3, "sequence_lens": 4, "initial_h": 5},
 }
+ROLES["DynamicQuantizeLSTM"] = {**ROLES["LSTM"], **QUANT_ROLES}
 WEIGHT_ROLES = ("W", "R", "B", "P")
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+CONSTANT_ROLES = WEIGHT_ROLES + tuple(QUANT_ROLES)  # what must be a constant for the audit to read the weights
 
 
 class GraphIndex:
@@ -40,6 +46,12 @@ class GraphIndex:
                 self.consumers.setdefault(name, []).append(node)
         self._cache: dict[str, np.ndarray] = {}
 
+    def initializer_array(self, name: str) -> np.ndarray:
+        """An initializer's value (read once; external data read safely)."""
+        if name not in self._cache:
+            self._cache[name] = tensor_to_array(self.initializers[name], self.base_dir)
+        return self._cache[name]
+
     def resolve(self, name: str) -> tuple[str, np.ndarray] | None:
         """Follow Identity nodes to an initializer or Constant; None if the value is computed or an input.
 
@@ -49,9 +61,7 @@ class GraphIndex:
         while name and name not in seen:
             seen.add(name)
             if name in self.initializers:
-                if name not in self._cache:
-                    self._cache[name] = tensor_to_array(self.initializers[name], self.base_dir)
-                return name, self._cache[name]
+                return name, self.initializer_array(name)
             node = self.producers.get(name)
             if node is None:
                 return None
@@ -92,7 +102,7 @@ class GraphIndex:
             if node is None:
                 steps.append(f"graph input '{name}'" if name in self.inputs else f"'{name}'")
                 return steps
-            if node.op_type in RECURRENT_OPS:
+            if cell_of(node):
                 steps.append(f"{labels.get(id(node), node.name)} output Y")
                 return steps
             weights = [i for i in node.input[1:] if i in self.initializers and self.initializers[i].data_type in FLOAT_TYPES]
@@ -150,64 +160,96 @@ def read_graph(path: str | os.PathLike) -> Audit:
         audit.add("DIGEST_MISMATCH", "error", contract_problem)
 
     nodes = topological_nodes(graph)
-    recurrent = [n for n in nodes if n.op_type in RECURRENT_OPS and n.domain in ONNX_DOMAINS]
+    recurrent = [n for n in nodes if cell_of(n)]
     labels = {id(n): f"layer{k}" for k, n in enumerate(recurrent)}
-    weight_sources: set[str] = set()
+    opset = next((o.version for o in model.opset_import if o.domain in ONNX_DOMAINS), 17)
+    claimed: set[str] = set()  # tensors the recurrent nodes read: never counted again as head parameters
     for k, node in enumerate(recurrent):
-        layer = _build_layer(audit, index, k, node, labels)
+        layer = _build_layer(audit, index, k, node, labels, opset, claimed)
         audit.layers.append(layer)
-        weight_sources.update(layer.sources[r] for r in WEIGHT_ROLES if layer.sources.get(r))
-    audit.head = _collect_head(audit, index, weight_sources)
+        claimed.update(layer.sources[r] for r in CONSTANT_ROLES if layer.sources.get(r))
+    check_node_shapes(audit, model, recurrent)
+    audit.head = collect_head(audit, index, claimed)
     _note_graph_shape(audit, graph, recurrent)
     return audit
 
 
-def _build_layer(audit: Audit, index: GraphIndex, k: int, node: onnx.NodeProto, labels: dict[int, str]) -> Layer:
+def _resolve_role(audit: Audit, index: GraphIndex, layer: Layer, role: str, value: str, opset: int,
+                  claimed: set[str]) -> tuple[str, np.ndarray] | None:
+    """The constant behind one input of a recurrent node: direct, through Identity/Constant, or folded."""
+    found = index.resolve(value)
+    if found is not None or role not in CONSTANT_ROLES:
+        return found
+    try:
+        folded = fold_constant(index, value, opset)
+    except FoldError as exc:
+        audit.add("UNRESOLVED_WEIGHT", "error", f"{layer.label} '{layer.node}' {role} '{value}': {exc}", [value])
+        return None
+    if folded is None:
+        audit.add("UNRESOLVED_WEIGHT", "error", f"{layer.label} '{layer.node}' {role} '{value}': computed at run time "
+                  "from a graph input, expected an initializer, a Constant or a subgraph of constants the audit can "
+                  "fold", [value])
+        return None
+    layer.paths[role] = folded.path
+    claimed.update(folded.leaves)
+    return value, folded.array
+
+
+def _build_layer(audit: Audit, index: GraphIndex, k: int, node: onnx.NodeProto, labels: dict[int, str], opset: int,
+                 claimed: set[str]) -> Layer:
     attrs = _attribute_values(node)
-    op = node.op_type
+    op = cell_of(node) or node.op_type
     direction = str(attrs.get("direction", "forward"))
-    name = node.name or f"{op} #{k}"
+    name = node.name or f"{node.op_type} #{k}"
     reads = index.trace_input(node.input[0], labels) if node.input else []
-    layer = Layer(k, name, op, int(attrs.get("hidden_size", 0)), None, direction, attrs, {}, reads)
+    layer = Layer(k, name, op, int(attrs.get("hidden_size", 0)), None, direction, attrs, {}, reads,
+                  op_type=node.op_type if node.op_type != op else "")
     if direction not in DIRECTIONS:
         audit.add("MALFORMED_NODE", "error",
                   f"{layer.label} '{name}': direction {direction!r}, expected one of {', '.join(DIRECTIONS)}")
         return layer
     arrays: dict[str, np.ndarray | None] = {}
-    for role, pos in ROLES[op].items():
+    for role, pos in ROLES[node.op_type].items():
         value = node.input[pos] if pos < len(node.input) else ""
         if not value:
             layer.sources[role] = None
             continue
         try:
-            found = index.resolve(value)
+            found = _resolve_role(audit, index, layer, role, value, opset, claimed)
         except ExternalDataError as exc:
             audit.add("EXTERNAL_DATA", "error", f"{layer.label} {role}: {exc}", [value])
             layer.sources[role] = index.follow_identity(value)  # claimed here: not reported again as a head tensor
             arrays[role] = None
             continue
-        else:
-            if found is None and role in WEIGHT_ROLES:
-                audit.add("UNRESOLVED_WEIGHT", "error", f"{layer.label} '{name}' {role} '{value}': computed at run time "
-                          "or a graph input, expected an initializer or Constant the audit can read", [value])
         if found is not None and found[0] in index.inputs:
             audit.add("OVERRIDABLE_WEIGHT", "warning", f"{layer.label} {role} '{found[0]}' is also a graph input: a caller "
                       "can replace it at run time, so the audited values may not be the ones used", [found[0]])
-        layer.sources[role] = found[0] if found else (value if role not in WEIGHT_ROLES else None)
-        if role in WEIGHT_ROLES:
+        layer.sources[role] = found[0] if found else (value if role not in CONSTANT_ROLES else None)
+        if role in CONSTANT_ROLES:
             arrays[role] = found[1] if found else None
-    if arrays.get("W") is None or arrays.get("R") is None:
-        return layer
-    if not layer.hidden_size:
-        layer.hidden_size = int(arrays["R"].shape[-1]) if arrays["R"].ndim == 3 else 0
+    quants = {}
     try:
+        if layer.op_type:
+            for role in ("W", "R"):
+                if arrays.get(role) is not None:
+                    names = tuple(str(layer.sources.get(r)) for r in (role, f"{role}_scale", f"{role}_zero_point"))
+                    arrays[role], quants[role] = dequantize_recurrent(
+                        f"{layer.label} {node.op_type}", role, arrays[role], arrays.get(f"{role}_scale"),
+                        arrays.get(f"{role}_zero_point"), len(ONNX_ORDER_OF[op]), names)
+        if not layer.hidden_size and arrays.get("R") is not None and arrays["R"].ndim == 3:
+            layer.hidden_size = int(arrays["R"].shape[-1])
+        if not layer.hidden_size or all(arrays.get(r) is None for r in WEIGHT_ROLES):
+            return layer
         names = {r: str(layer.sources.get(r)) for r in WEIGHT_ROLES}
-        layer.gates = split_gates(op, k, layer.hidden_size, direction, arrays, names)
+        layer.gates = split_gates(op, k, layer.hidden_size, direction, {r: arrays.get(r) for r in WEIGHT_ROLES}, names)
     except GateShapeError as exc:
         audit.add("MALFORMED_NODE", "error", str(exc), [s for s in layer.sources.values() if s])
         return layer
-    layer.input_size = int(arrays["W"].shape[2])
-    layer.params = sum(int(a.size) for r, a in arrays.items() if a is not None)
+    for role, quant in quants.items():
+        attach_quantization(layer.gates, role, quant)
+    if arrays.get("W") is not None:
+        layer.input_size = int(arrays["W"].shape[2])
+    layer.params = sum(int(arrays[r].size) for r in WEIGHT_ROLES if arrays.get(r) is not None)
     return layer
 
 
@@ -218,21 +260,6 @@ def _attribute_values(node: onnx.NodeProto) -> dict[str, Any]:
 
     values = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     return {k: [plain(x) for x in v] if isinstance(v, list) else plain(v) for k, v in values.items()}
-
-
-def _collect_head(audit: Audit, index: GraphIndex, weight_sources: set[str]) -> list[HeadTensor]:
-    head: list[HeadTensor] = []
-    for tensor in index.graph.initializer:
-        if tensor.name in weight_sources or tensor.data_type not in FLOAT_TYPES:
-            continue
-        try:
-            array = tensor_to_array(tensor, index.base_dir)
-        except ExternalDataError as exc:
-            audit.add("EXTERNAL_DATA", "error", str(exc), [tensor.name])
-            continue
-        consumers = [f"{n.op_type} '{n.name}'" if n.name else n.op_type for n in index.consumers.get(tensor.name, [])]
-        head.append(HeadTensor(tensor.name, array, consumers))
-    return head
 
 
 def _note_graph_shape(audit: Audit, graph: onnx.GraphProto, recurrent: list[onnx.NodeProto]) -> None:

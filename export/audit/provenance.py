@@ -9,6 +9,7 @@ import numpy as np
 
 from lstm_onnx.contract import CELL_OPS, INIT_FILE, WEIGHTS_FILE, RunDirectoryError, file_digest, read_run_config
 
+from .comparison import BOUND_SLACK, float_reference, quant_error
 from .gates import pytorch_source
 from .result import Audit, AuditInputError
 
@@ -53,18 +54,25 @@ def compare_checkpoint(audit: Audit, run_dir: Path) -> None:
     if op is None or ops != {op} or layers != len(audit.layers):
         audit.add("CHECKPOINT_MISMATCH", "error", f"checkpoint {run_dir}: config.json describes {layers} {model.get('cell')} "
                   f"layer(s), the model has {len(audit.layers)} {'/'.join(sorted(ops)) or 'recurrent'} node(s)")
+        _compare_counts(audit)
         return
     _check_file_digest(audit, run_dir)
     _compare_gates(audit, op, weights, init)
     _compare_head(audit, weights, init)
-    if audit.checkpoint_params != audit.total_params:
-        audit.add("CHECKPOINT_MISMATCH", "error", f"parameter count: the model holds {audit.total_params}, "
-                  f"the checkpoint {audit.checkpoint_params}")
+    _compare_counts(audit)
     if init is None:
         audit.add("UNTRAINED_UNKNOWN", "info", f"checkpoint {run_dir} has no init.safetensors: whether training "
                   "changed each gate cannot be determined")
         return
     _report_untrained(audit, weights, init)
+
+
+def _compare_counts(audit: Audit) -> None:
+    """Parameter totals: a mismatch means the export dropped or added weights (e.g. an LSTM's projection)."""
+    if audit.checkpoint_params != audit.total_params:
+        audit.add("CHECKPOINT_MISMATCH", "error", f"parameter count: the model holds {audit.total_params} "
+                  f"(recurrent {audit.recurrent_params}, other {audit.head_params}), the checkpoint "
+                  f"{audit.checkpoint_params}")
 
 
 def _bits(array: np.ndarray) -> bytes:
@@ -98,14 +106,25 @@ def _compare_gates(audit: Audit, op: str, weights: dict, init: dict | None) -> N
             param = weights.get(name)
             expected = param[rows] if param is not None and param.shape[0] >= rows.stop else None
             identical = expected is not None and expected.shape == g.array.shape and _bits(expected) == _bits(g.array)
+            within = identical
+            if g.quant is not None and expected is not None and expected.shape == g.array.shape:
+                # An integer gate cannot be bit-identical: it must lie within scale/2 of the parameter instead.
+                err = quant_error(g, expected)
+                within = err["bound_share"] <= 1 + BOUND_SLACK
+                audit.quant_errors = audit.quant_errors or {}
+                audit.quant_errors.setdefault(g.key, err)
             change = None
             if init is not None and name in init and init[name].shape[0] >= rows.stop:
                 change = _relative_change(g.array, init[name][rows])
+                audit.init_arrays[g.key] = init[name][rows]
             audit.checkpoint[g.key] = {"pytorch": label, "identical": identical, "change": change}
-            if not identical:
+            if g.quant is not None:
+                audit.checkpoint[g.key]["within_scale_half"] = within
+            if not within:
                 differ.append(f"{g.key} != {label}")
     if differ:
-        audit.add("CHECKPOINT_MISMATCH", "error", f"{len(differ)} gate slice(s) are not bit-identical to the checkpoint: "
+        audit.add("CHECKPOINT_MISMATCH", "error", f"{len(differ)} gate slice(s) are not bit-identical to the checkpoint "
+                  "(integer ones: not within scale/2): "
                   + "; ".join(differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else ""),
                   [d.split(" ")[0] for d in differ])
 
@@ -118,7 +137,17 @@ def _compare_head(audit: Audit, weights: dict, init: dict | None) -> None:
         if name.startswith("rnn."):
             continue
         head = next((t for t in audit.head if t.name == name), None)
-        if head is not None:
+        quantized = next((t for t in audit.head if t.quant is not None and t.origin == name), None)
+        if quantized is not None:
+            # An integer head weight: within scale/2 of the parameter, in the layout the quantizer stored it.
+            ref = float_reference(quantized, param)
+            identical = (ref.shape == quantized.array.shape
+                         and quant_error(quantized, ref)["bound_share"] <= 1 + BOUND_SLACK)
+            if identical:
+                audit.quant_errors = audit.quant_errors or {}
+                audit.quant_errors.setdefault(quantized.name, quant_error(quantized, ref))
+            onnx_name = quantized.name
+        elif head is not None:
             identical = head.array.shape == param.shape and _bits(head.array) == _bits(param)
             onnx_name = name
         else:

@@ -9,7 +9,7 @@ import numpy as np
 
 from .findings import gate_stats
 from .gates import DISPLAY_ORDER, KINDS, LETTERS, PYTORCH_LETTERS, describe_layout, gate_digest
-from .result import Audit, GateTensor, Layer
+from .result import Audit, GateTensor, Layer, Quantization
 
 REPORT_FORMAT = "lstm-onnx-audit/1"
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
@@ -35,6 +35,37 @@ def _ordered_gates(layer: Layer) -> list[GateTensor]:
     return sorted(layer.gates, key=lambda g: (layer.directions.index(g.direction), KINDS.index(g.kind), order.index(g.gate)))
 
 
+def _scale_text(values: np.ndarray) -> str:
+    lo, hi = float(np.min(values)), float(np.max(values))
+    return f"{lo:.4g}" if lo == hi else f"{lo:.4g}..{hi:.4g}"
+
+
+def _zero_text(values: np.ndarray) -> str:
+    lo, hi = int(np.min(values)), int(np.max(values))
+    return str(lo) if lo == hi else f"{lo}..{hi}"
+
+
+def quant_columns(q: Quantization | None) -> list[str]:
+    """Integer range, scale and zero point of one quantized tensor ("-" for a float one)."""
+    if q is None:
+        return ["-", "-", "-"]
+    lo, hi = q.q_range
+    return [f"{q.dtype} {lo}..{hi}", _scale_text(q.scale), _zero_text(q.zero_point)]
+
+
+def _quant_error(audit: Audit, key: str) -> list[str]:
+    err = (audit.quant_errors or {}).get(key)
+    if err is None:
+        return ["-", "-", "-"]
+    return [f"{err['max_abs']:.2e}", f"{err['relative']:.2e}", f"{err['bound_share']:.2f}"]
+
+
+def _same_text(info: dict[str, Any]) -> str:
+    if info["identical"]:
+        return " =="
+    return " ~= (within scale/2)" if info.get("within_scale_half") else " DIFFERS"
+
+
 def _trained(audit: Audit, key: str) -> str:
     info = (audit.checkpoint or {}).get(key)
     if info is None or info["change"] is None:
@@ -44,7 +75,9 @@ def _trained(audit: Audit, key: str) -> str:
 
 def format_text(audit: Audit) -> str:
     """The human report: how the gates are laid out, one table per layer, the head, totals, findings."""
-    lines = [f"ONNX weight audit: {audit.path} (producer: {audit.producer})"]
+    versions = (audit.contract or {}).get("versions") or {}
+    made_with = ", ".join(f"{k} {v}" for k, v in versions.items() if k != "lstm_onnx")
+    lines = [f"ONNX weight audit: {audit.path} (producer: {audit.producer}{f'; made with {made_with}' if made_with else ''})"]
     c = audit.contract
     if c:
         lines.append(f"contract: {c.get('format')}, {c.get('cell')}, {c.get('num_layers')} layer(s), hidden "
@@ -68,30 +101,30 @@ def format_text(audit: Audit) -> str:
     for layer in audit.layers:
         lines += [""] + _layer_lines(audit, layer)
     lines += ["", "Other parameters (the head and anything outside the recurrent nodes):"]
-    if audit.head:
-        rows = []
-        for t in audit.head:
-            s = gate_stats(t.array)
-            rows.append([t.name, _shape(t.array.shape), str(t.params), _num(s["mean"]), _num(s["std"]),
-                         _num(s["min"]), _num(s["max"]), ", ".join(t.consumers) or "-"])
-            if audit.checkpoint is not None:
-                rows[-1].append(_trained(audit, t.name))
-        extra = ["trained"] if audit.checkpoint is not None else []
-        lines += _table(["tensor", "shape", "params", "mean", "std", "min", "max", "used by"] + extra, rows)
-    else:
-        lines.append("  none")
-    per_layer = ", ".join(f"{x.label} {x.params}" for x in audit.layers)
-    total = (f"parameters: recurrent {audit.recurrent_params} ({per_layer or 'none'}) + other {audit.head_params} "
-             f"= {audit.total_params}")
-    if audit.checkpoint_params is not None:
-        same = "matches" if audit.checkpoint_params == audit.total_params else "DIFFERS"
-        total += f"; checkpoint state dict {audit.checkpoint_params} ({same})"
-    lines += ["", total]
+    lines += _table(*head_table(audit)) if audit.head else ["  none"]
+    if audit.not_counted:
+        lines.append("  not parameters (the counting rule of docs/contract.md):")
+        lines += [f"    {name}: {why}" for name, why in audit.not_counted]
+    if audit.against is not None:
+        lines += [""] + against_lines(audit)
+    lines += ["", parameter_totals(audit)]
     counts = {s: sum(f.severity == s for f in audit.findings) for s in SEVERITY_ORDER}
     lines += ["", f"findings: {counts['error']} error(s), {counts['warning']} warning(s), {counts['info']} info"]
-    for f in sorted(audit.findings, key=lambda f: SEVERITY_ORDER[f.severity]):
+    for f in sorted_findings(audit):
         lines.append(f"  {f.severity.upper():<8} {f.code:<20} {f.message}")
     return "\n".join(lines) + "\n"
+
+
+def against_lines(audit: Audit) -> list[str]:
+    """The --against section: structure, then one row per gate tensor with its status and change."""
+    lines = [f"Against {audit.against_path}:"]
+    lines += [f"  structure: {d}" for d in audit.structure] or ["  structure: same (layers, cell, hidden size, "
+                                                                "directions, input size, head)"]
+    counts: dict[str, int] = {}
+    for e in audit.against.values():
+        counts[e["status"]] = counts.get(e["status"], 0) + 1
+    lines.append("  " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    return lines + _table(*against_table(audit))
 
 
 def _describe_stacking(audit: Audit) -> list[str]:
@@ -111,17 +144,28 @@ def _describe_stacking(audit: Audit) -> list[str]:
             "previous layer's output Y directly (only reshaping ops in between)."]
 
 
-def _layer_lines(audit: Audit, layer: Layer) -> list[str]:
-    head = (f"{layer.label}  {layer.op} '{layer.node}'  direction {layer.direction}  hidden {layer.hidden_size}  "
+def layer_heading(layer: Layer) -> str:
+    op = f"{layer.op} ({layer.op_type}, integer weights)" if layer.op_type else layer.op
+    return (f"{layer.label}  {op} '{layer.node}'  direction {layer.direction}  hidden {layer.hidden_size}  "
             f"input {layer.input_size if layer.input_size is not None else '?'}  params {layer.params}")
+
+
+def layer_notes(layer: Layer) -> list[str]:
+    """Inputs, attributes and folded paths of one layer, one line each."""
     srcs = "  ".join(f"{r} '{s}'" for r, s in layer.sources.items() if s)
     attrs = ", ".join(f"{k}={v}" for k, v in sorted(layer.attributes.items()) if k not in ("hidden_size", "direction"))
-    lines = [head, f"  inputs: {srcs or 'none resolved'}"]
+    lines = [f"inputs: {srcs or 'none resolved'}"]
     if attrs:
-        lines.append(f"  attributes: {attrs}")
-    if not layer.gates:
-        return lines + ["  (weights could not be resolved; see findings)"]
+        lines.append(f"attributes: {attrs}")
+    lines += [f"folded {role}: {path}" for role, path in layer.paths.items()]
+    return lines
+
+
+def layer_table(audit: Audit, layer: Layer) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of one layer's gate table (the text and HTML reports show the same)."""
     with_ckpt = audit.checkpoint is not None
+    quantized = any(g.quant is not None for g in layer.gates)
+    with_error = audit.quant_errors is not None and quantized
     rows = []
     for g in _ordered_gates(layer):
         s = gate_stats(g.array)
@@ -129,14 +173,73 @@ def _layer_lines(audit: Audit, layer: Layer) -> list[str]:
                _num(s["mean"]), _num(s["std"]), _num(s["min"]), _num(s["max"]), f"{g.source}{g.index}"]
         if with_ckpt:
             info = audit.checkpoint.get(g.key)
-            row.append("-" if info is None else info["pytorch"] + (" ==" if info["identical"] else " DIFFERS"))
+            row.append("-" if info is None else info["pytorch"] + _same_text(info))
             row.append(_trained(audit, g.key))
+        if quantized:
+            row += quant_columns(g.quant)
+        if with_error:
+            row += _quant_error(audit, g.key)
         rows.append(row)
     headers = ["dir", "gate", "tensor", "shape", "params", "mean", "std", "min", "max", "onnx slice"]
     if with_ckpt:
         headers += [f"pytorch ({', '.join(PYTORCH_LETTERS[layer.op][x] for x in PYTORCH_LETTERS[layer.op])} rows)",
                     "trained"]
-    return lines + _table(headers, rows)
+    if quantized:
+        headers += ["integers", "scale", "zero point"]
+    if with_error:
+        headers += ["quant err", "relative", "of scale/2"]
+    return headers, rows
+
+
+def head_table(audit: Audit) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the other-parameters table."""
+    rows = []
+    for t in audit.head:
+        s = gate_stats(t.array)
+        rows.append([t.name, _shape(t.array.shape), str(t.params), _num(s["mean"]), _num(s["std"]),
+                     _num(s["min"]), _num(s["max"]), ", ".join(t.consumers) or "-"])
+        if audit.checkpoint is not None:
+            rows[-1].append(_trained(audit, t.name))
+    extra = ["trained"] if audit.checkpoint is not None else []
+    if any(t.quant is not None for t in audit.head):
+        extra += ["integers", "scale", "zero point"]
+        for row, t in zip(rows, audit.head):
+            row += quant_columns(t.quant)
+    return ["tensor", "shape", "params", "mean", "std", "min", "max", "used by"] + extra, rows
+
+
+def against_table(audit: Audit) -> tuple[list[str], list[list[str]]]:
+    rows = []
+    for key, e in (audit.against or {}).items():
+        shown = [key, e["status"]]
+        if "max_abs" in e:
+            shown += [f"{e['max_abs']:.3e}", f"{e['relative']:.3e}"]
+            shown.append(f"{e['bound_share']:.2f}" if "bound_share" in e else "-")
+        else:
+            shown += ["-", "-", "-"]
+        rows.append(shown)
+    return ["tensor", "status", "max abs", "relative", "of scale/2"], rows
+
+
+def parameter_totals(audit: Audit) -> str:
+    per_layer = ", ".join(f"{x.label} {x.params}" for x in audit.layers)
+    total = (f"parameters: recurrent {audit.recurrent_params} ({per_layer or 'none'}) + other {audit.head_params} "
+             f"= {audit.total_params}")
+    if audit.checkpoint_params is not None:
+        same = "matches" if audit.checkpoint_params == audit.total_params else "DIFFERS"
+        total += f"; checkpoint state dict {audit.checkpoint_params} ({same})"
+    return total
+
+
+def sorted_findings(audit: Audit) -> list:
+    return sorted(audit.findings, key=lambda f: SEVERITY_ORDER[f.severity])
+
+
+def _layer_lines(audit: Audit, layer: Layer) -> list[str]:
+    lines = [layer_heading(layer)] + ["  " + n for n in layer_notes(layer)]
+    if not layer.gates:
+        return lines + ["  (weights could not be resolved; see findings)"]
+    return lines + _table(*layer_table(audit, layer))
 
 
 def _clean(x: Any) -> Any:
@@ -151,12 +254,15 @@ def to_json(audit: Audit) -> dict[str, Any]:
         entry = {"key": g.key, "layer": g.layer, "direction": g.direction, "gate": g.gate, "kind": g.kind,
                  "shape": list(g.array.shape), "params": g.params, "source": g.source, "slice": g.index,
                  "sha256": gate_digest(g.array), "stats": {k: _clean(v) for k, v in gate_stats(g.array).items()}}
+        if g.quant is not None:
+            entry["quantization"] = quant_json(g.quant)
         if audit.checkpoint is not None:
             entry["checkpoint"] = audit.checkpoint.get(g.key)
         return entry
 
     layers = [{
-        "index": x.index, "node": x.node, "op": x.op, "hidden_size": x.hidden_size, "input_size": x.input_size,
+        "index": x.index, "node": x.node, "op": x.op, "op_type": x.op_type or x.op, "paths": x.paths,
+        "hidden_size": x.hidden_size, "input_size": x.input_size,
         "direction": x.direction, "attributes": x.attributes, "inputs": x.sources, "reads": x.reads,
         "params": x.params, "gates": [gate_entry(g) for g in _ordered_gates(x)],
     } for x in audit.layers]
@@ -168,12 +274,23 @@ def to_json(audit: Audit) -> dict[str, Any]:
         "format": REPORT_FORMAT, "model": audit.path, "producer": audit.producer,
         "contract": {k: v for k, v in (audit.contract or {}).items() if k not in ("parity_sample", "gate_digests")} or None,
         "layers": layers, "head": head,
+        "against": None if audit.against is None else {"model": audit.against_path, "structure": audit.structure,
+                                                       "tensors": audit.against},
+        "quantization_errors": audit.quant_errors,
+        "not_counted": [{"name": n, "why": w} for n, w in audit.not_counted],
         "totals": {"recurrent": audit.recurrent_params, "head": audit.head_params, "total": audit.total_params,
                    "checkpoint": audit.checkpoint_params},
         "findings": [{"code": f.code, "severity": f.severity, "message": f.message, "tensors": f.tensors}
                      for f in audit.findings],
         "ok": not audit.errors,
     }
+
+
+def quant_json(q: Quantization) -> dict[str, Any]:
+    lo, hi = q.q_range
+    return {"dtype": q.dtype, "per_channel": q.per_channel, "integer_range": [lo, hi],
+            "scale": [float(np.min(q.scale)), float(np.max(q.scale))],
+            "zero_point": [int(np.min(q.zero_point)), int(np.max(q.zero_point))], "tensors": list(q.tensors)}
 
 
 def write_npz(audit: Audit, path: str | os.PathLike) -> int:

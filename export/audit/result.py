@@ -11,6 +11,31 @@ DIRECTIONS = {"forward": ("forward",), "reverse": ("reverse",), "bidirectional":
 
 
 @dataclass
+class Quantization:
+    """How one gate (or head) tensor is stored as integers: value = (q - zero_point) * scale.
+
+    `scale` and `zero_point` hold one value per row of the dequantized slice ([H] for a gate, [N] per
+    column for a head matrix), so per-tensor and per-channel quantization read the same way.
+    """
+
+    q: np.ndarray  # the stored integers, in the dequantized slice's layout
+    scale: np.ndarray
+    zero_point: np.ndarray
+    dtype: str  # int8 / uint8
+    per_channel: bool
+    tensors: tuple[str, str, str]  # names of the integer tensor, its scale and its zero point
+
+    @property
+    def q_range(self) -> tuple[int, int]:
+        return (int(self.q.min()), int(self.q.max())) if self.q.size else (0, 0)
+
+    def bound(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The largest rounding error each element can have: scale/2, broadcast to the slice's shape."""
+        half = np.asarray(self.scale, np.float64) / 2
+        return np.broadcast_to(half.reshape(half.shape + (1,) * (len(shape) - half.ndim)), shape)
+
+
+@dataclass
 class GateTensor:
     """One gate's slice of one fused tensor, with where it came from."""
 
@@ -21,6 +46,7 @@ class GateTensor:
     array: np.ndarray
     source: str  # name of the fused initializer / Constant it was sliced from
     index: str  # the slice inside `source`, e.g. "[0, 8:16, :]"
+    quant: Quantization | None = None  # set when the model stores this slice as integers
 
     @property
     def key(self) -> str:
@@ -60,6 +86,9 @@ class Layer:
     reads: list[str]  # what feeds X, nearest first: ops between this layer and the previous one
     gates: list[GateTensor] = field(default_factory=list)
     params: int = 0
+    op_type: str = ""  # the node's own op when it differs from the cell (com.microsoft.DynamicQuantizeLSTM)
+    # role -> how the weight was reached when it is not a plain initializer/Constant: the folded ops
+    paths: dict[str, str] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -77,6 +106,9 @@ class HeadTensor:
     name: str
     array: np.ndarray
     consumers: list[str]
+    quant: Quantization | None = None
+    origin: str = ""  # for an integer weight: the float tensor it was quantized from, by the quantizer's naming
+    transposed: bool = False  # stored transposed against `origin` (onnxruntime turns Gemm transB=1 into MatMul)
 
     @property
     def params(self) -> int:
@@ -93,9 +125,21 @@ class Audit:
     head: list[HeadTensor]
     contract: dict[str, Any] | None
     findings: list[Finding] = field(default_factory=list)
+    # float initializers that are not parameters under the counting rule (heads.py), with the reason
+    not_counted: list[tuple[str, str]] = field(default_factory=list)
     # key -> {"pytorch": "rnn.weight_ih_l0[0:8]", "identical": bool, "change": float | None}; None without --checkpoint
     checkpoint: dict[str, dict[str, Any]] | None = None
     checkpoint_params: int | None = None
+    # key -> {"max_abs", "relative", "bound_share", "changed", ...}; set by --against (see comparison.py)
+    against: dict[str, dict[str, Any]] | None = None
+    against_path: str | None = None
+    structure: list[str] = field(default_factory=list)  # structural differences found by --against
+    # key -> quantization error of an integer gate against its float original (--against FLOAT or --checkpoint)
+    quant_errors: dict[str, dict[str, float]] | None = None
+    # gate key -> the same slice at init (--checkpoint with init.safetensors) and in the old model (--against),
+    # for the HTML report's change heatmaps
+    init_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    old_arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def recurrent_params(self) -> int:

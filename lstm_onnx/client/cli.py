@@ -13,6 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--input", help="the 'input' tensor as a .npy file, batch-major [B, T, F]")
     source.add_argument("--random", metavar="B,T", help="random inputs of batch B and time T from the model's metadata")
     infer.add_argument("--json", action="store_true", help="print outputs as one JSON object instead of text")
+    infer.add_argument("--show-state", action="store_true", help="also print the recurrent state outputs (hn, cn)")
     infer.set_defaults(func=cmd_infer)
 
     stream = sub.add_parser("stream", help=cmd_stream.__doc__.splitlines()[0], description=cmd_stream.__doc__)
@@ -21,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     stream.add_argument("--chunk", type=int, required=True, help="time steps per request")
     stream.add_argument("--sequence-id", default="1", help="sequence id (an integer, or any string)")
     stream.add_argument("--json", action="store_true", help="print one JSON object per chunk")
+    stream.add_argument("--show-state", action="store_true", help="also print each chunk's recurrent state (hn, cn)")
     stream.set_defaults(func=cmd_stream)
 
     _add_bench(sub)
@@ -38,7 +40,8 @@ def _add_client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", default="", help="model version (default: the latest ready one)")
 
 
-def _print_outputs(outputs: dict, as_json: bool, extra: dict | None = None) -> None:
+def _print_outputs(outputs: dict, as_json: bool, extra: dict | None = None, task: str | None = None,
+                   show_state: bool = False) -> None:
     import json
 
     import numpy as np
@@ -47,11 +50,30 @@ def _print_outputs(outputs: dict, as_json: bool, extra: dict | None = None) -> N
         print(json.dumps({**(extra or {}), "outputs": {k: {"shape": list(v.shape), "datatype": str(v.dtype),
                                                             "data": v.tolist()} for k, v in outputs.items()}}))
         return
-    if extra:
-        print(" ".join(f"{k}={v}" for k, v in extra.items()))
-    with np.printoptions(precision=5, suppress=True, threshold=64):
-        for name, value in outputs.items():
-            print(f"{name} {list(value.shape)} {value.dtype}:\n{value}")
+    prefix = " ".join(f"{k} {v}" for k, v in (extra or {}).items())
+    hidden: list[str] = []
+    for name, value in outputs.items():
+        if name == "output" and task in ("classification", "regression") and value.ndim == 2:
+            for row, line in enumerate(describe_rows(value, task)):
+                print(f"{prefix + ': ' if prefix else ''}row {row}: {line}")
+        elif show_state or name in ("output",):
+            with np.printoptions(precision=5, suppress=True, threshold=64):
+                print(f"{prefix + ' ' if prefix else ''}{name} {list(value.shape)} {value.dtype}:\n{value}")
+        else:
+            hidden.append(f"{name} {list(value.shape)}")
+    if hidden and not extra:
+        print(f"(recurrent state {', '.join(hidden)} not shown: --show-state prints it, --json prints everything)")
+
+
+def describe_rows(output, task: str) -> list[str]:
+    """One line per batch row: the predicted class with its softmax probability, or the regression values."""
+    import numpy as np
+
+    if task == "regression":
+        return ["value " + ", ".join(f"{v:.5g}" for v in row) for row in output]
+    shifted = output - output.max(axis=1, keepdims=True)
+    probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+    return [f"class {int(p.argmax())}, probability {float(p.max()):.3f} (softmax over {len(p)} logits)" for p in probs]
 
 
 def _load_npy(path: str):
@@ -96,9 +118,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
             else:
                 inputs = {"input": _load_npy(args.input)}
             outputs = client.infer(args.model, inputs, args.version)
+            task = None if args.json else client.task(args.model)
         except ClientError as exc:
             raise CheckFailed(f"server refused the request: {exc}") from None
-    _print_outputs(outputs, args.json)
+    _print_outputs(outputs, args.json, task=task, show_state=args.show_state)
     return 0
 
 
@@ -117,13 +140,24 @@ def cmd_stream(args: argparse.Namespace) -> int:
     sequence_id: int | str = int(args.sequence_id) if args.sequence_id.isdigit() else args.sequence_id
     chunks = [{"input": piece} for piece in split_time(array, args.chunk)]
     done = 0
+    last: dict = {}
     with _open_client(args) as client:
         try:
+            task = None if args.json else client.task(args.model)
             for outputs in client.stream_sequence(args.model, chunks, sequence_id, args.version):
-                _print_outputs(outputs, args.json, {"chunk": done, "steps": chunks[done]["input"].shape[1]})
+                _print_outputs(outputs, args.json, {"chunk": done, "steps": chunks[done]["input"].shape[1]}, task,
+                               args.show_state)
                 done += 1
+                last = outputs
+            # The point of carrying state: the last chunk's answer is the whole sequence's answer. Show it.
+            whole = client.infer(args.model, {"input": array}, args.version) if not args.json else None
         except ClientError as exc:
             raise CheckFailed(f"server refused chunk {done}: {exc}") from None
+    if whole is not None:
+        import numpy as np
+
+        diffs = ", ".join(f"{name} {float(np.max(np.abs(last[name] - whole[name]))):.2g}" for name in last if name in whole)
+        print(f"streamed in {len(chunks)} chunks vs the whole sequence in one request: max |difference| {diffs}")
     return 0
 
 

@@ -23,6 +23,12 @@ class ClientError(Exception):
         self.code = code
 
 
+def server_filled_inputs(config) -> set[str]:
+    """Inputs the server supplies itself: ones marked optional, and sequence_batching's implicit state."""
+    return ({t.name for t in config.input if t.optional}
+            | {s.input_name for s in config.sequence_batching.state})
+
+
 class InferenceClient:
     """Blocking client over one channel; use as a context manager."""
 
@@ -49,9 +55,15 @@ class InferenceClient:
         return self._call(self.stub.ModelMetadata, pb.ModelMetadataRequest(name=model, version=version))
 
     def optional_inputs(self, model: str) -> set[str]:
-        """Inputs the model's config marks optional (recurrent state the server fills with zeros)."""
+        """Inputs a client may leave out: recurrent state the server fills (see `server_filled_inputs`)."""
+        return server_filled_inputs(self._call(self.stub.ModelConfig, pb.ModelConfigRequest(name=model)).config)
+
+    def task(self, model: str) -> str | None:
+        """What the model's `output` holds (classification or regression), from config.pbtxt's parameters."""
         config = self._call(self.stub.ModelConfig, pb.ModelConfigRequest(name=model)).config
-        return {tensor.name for tensor in config.input if tensor.optional}
+        if "lstm_onnx.task" not in config.parameters:
+            return None  # a repository from another tool
+        return config.parameters["lstm_onnx.task"].string_value or None
 
     def ready(self) -> bool:
         return self._call(self.stub.ServerReady, pb.ServerReadyRequest()).ready
@@ -72,7 +84,10 @@ class InferenceClient:
         try:
             for response in self.stub.ModelStreamInfer(requests, timeout=self.timeout_s):
                 if response.error_message:
-                    raise ClientError(grpc.StatusCode.UNKNOWN, response.error_message)
+                    # The server names the status a unary call would have had (servicer.STREAM_ERROR_CODE).
+                    name = response.infer_response.parameters["error_code"].string_param
+                    code = grpc.StatusCode[name] if name in grpc.StatusCode.__members__ else grpc.StatusCode.UNKNOWN
+                    raise ClientError(code, response.error_message)
                 yield codec.decode_response(response.infer_response)
         except grpc.RpcError as exc:
             raise ClientError(exc.code(), exc.details()) from None

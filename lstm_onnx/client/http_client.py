@@ -17,7 +17,7 @@ from lstm_onnx.protocol import rest_codec
 from lstm_onnx.protocol.codec import SequenceControl
 from lstm_onnx.protos import grpc_service_pb2 as pb
 
-from .client import ClientError
+from .client import ClientError, server_filled_inputs
 
 
 class HttpClientError(ClientError):
@@ -73,10 +73,21 @@ class HttpInferenceClient:
         return json_format.ParseDict(self._get_json(self._model_path(model, version)), pb.ModelMetadataResponse(),
                                      ignore_unknown_fields=True)
 
+    def _config(self, model: str) -> pb.ModelConfig:
+        """The model's config.pbtxt as the gRPC client gives it (REST answers the ModelConfig message as JSON)."""
+        return json_format.ParseDict(self._get_json(self._model_path(model, "") + "/config"), pb.ModelConfig(),
+                                     ignore_unknown_fields=True)
+
     def optional_inputs(self, model: str) -> set[str]:
-        """Inputs the model's config marks optional (recurrent state the server fills with zeros)."""
-        config = self._get_json(self._model_path(model, "") + "/config")
-        return {tensor["name"] for tensor in config.get("input", []) if tensor.get("optional")}
+        """Inputs a client may leave out: recurrent state the server fills (see `server_filled_inputs`)."""
+        return server_filled_inputs(self._config(model))
+
+    def task(self, model: str) -> str | None:
+        """What the model's `output` holds (classification or regression), from config.pbtxt's parameters."""
+        config = self._config(model)
+        if "lstm_onnx.task" not in config.parameters:
+            return None  # a repository from another tool
+        return config.parameters["lstm_onnx.task"].string_value or None
 
     def ready(self) -> bool:
         try:

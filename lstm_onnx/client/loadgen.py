@@ -106,14 +106,16 @@ def open_channel(url: str, own_connection: bool = False) -> grpc.aio.Channel:
 
 
 async def fetch_inputs_spec(channel: grpc.aio.Channel, model: str) -> tuple[pb.ModelMetadataResponse, set[str]]:
-    """The model's metadata and its optional inputs (recurrent state the server fills with zeros)."""
+    """The model's metadata and the inputs the server fills itself (recurrent state)."""
     from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
+
+    from .client import server_filled_inputs
 
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
     metadata = await stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=30)
     try:
         config = (await stub.ModelConfig(pb.ModelConfigRequest(name=model), timeout=30)).config
-        optional = {t.name for t in config.input if t.optional}
+        optional = server_filled_inputs(config)
     except grpc.aio.AioRpcError:  # a server without the model_configuration extension: send every input
         optional = set()
     return metadata, optional

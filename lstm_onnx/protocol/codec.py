@@ -65,10 +65,15 @@ def _decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | N
             raise InvalidArgument(f"input '{name}': got {len(raw)} bytes, expected {count * dtype.itemsize} "
                                   f"for {datatype} shape {shape}")
         return _reshape(name, np.frombuffer(raw, dtype=dtype), shape)
-    values = getattr(tensor.contents, _CONTENTS_FIELD.get(datatype, ""), None) if datatype != "FP16" else None
-    if values is None:
+    field = _CONTENTS_FIELD.get(datatype) if datatype != "FP16" else None
+    if field is None:
         raise InvalidArgument(f"input '{name}': datatype {datatype} cannot travel in typed contents, "
                               "send it in raw_input_contents")
+    values = getattr(tensor.contents, field)
+    sent = [f for f in sorted(set(_CONTENTS_FIELD.values())) if f != field and getattr(tensor.contents, f)]
+    if sent:
+        raise InvalidArgument(f"input '{name}': got its values in contents.{sent[0]}, expected contents.{field} "
+                              f"for datatype {datatype}")
     if len(values) != count:
         raise InvalidArgument(f"input '{name}': got {len(values)} values, expected {count} for shape {shape}")
     return _reshape(name, np.asarray(values, dtype=dtype), shape)
@@ -122,6 +127,22 @@ def encode_response(model: str, version: int, request_id: str, outputs: dict[str
         response.raw_output_contents.append(
             np.ascontiguousarray(array, dtype=datatypes.numpy_of(datatype)).tobytes())
     return response
+
+
+def encode_sequence_step(response: pb.ModelInferResponse, step: int, previous_id: str) -> None:
+    """Which step of its sequence a response answers: `sequence_step` (1 = the sequence_start) and
+    `sequence_previous_id`, the request id of the step whose state it continued ("" after a start). A client
+    that lost an answer (cancelled after the server applied the step) sees it here on its next one."""
+    response.parameters["sequence_step"].int64_param = step
+    response.parameters["sequence_previous_id"].string_param = previous_id
+
+
+def decode_sequence_step(response: pb.ModelInferResponse) -> tuple[int, str] | None:
+    """(sequence_step, sequence_previous_id) of a response to a sequence request; None for any other."""
+    if "sequence_step" not in response.parameters:
+        return None
+    return (response.parameters["sequence_step"].int64_param,
+            response.parameters["sequence_previous_id"].string_param)
 
 
 def decode_response(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:

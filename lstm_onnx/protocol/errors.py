@@ -35,9 +35,16 @@ class ResourceExhausted(ServerError):
 
 
 class FailedPrecondition(ServerError):
-    """The request is valid but not in this state (a sequence request without sequence_start)."""
+    """The request is valid but its sequence is not in a state it can continue (ended before its turn)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Aborted(ServerError):
+    """A sequence step refused because an earlier step of its sequence was cancelled, timed out or failed:
+    it would have run on the wrong state. The client restarts the sequence with sequence_start."""
+
+    code = grpc.StatusCode.ABORTED
 
 
 class DeadlineExceeded(ServerError):
