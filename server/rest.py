@@ -154,7 +154,8 @@ class RestApi:
         name = request.match_info["model"]
         message = pb.ModelReadyRequest(name=name, version=request.match_info.get("version", ""))
         ready = (await self._call(InferenceServicer.ModelReady, message)).ready
-        return _json({"name": name, "ready": ready}, 200 if ready else 503)
+        # Triton answers 400 for a model version that is not ready or not known (KServe: 4xx means false).
+        return _json({"name": name, "ready": ready}, 200 if ready else 400)
 
     async def model_config(self, request: web.Request) -> web.Response:
         message = pb.ModelConfigRequest(name=request.match_info["model"],

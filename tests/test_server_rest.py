@@ -24,7 +24,7 @@ def server(tiny_repository, tmp_path_factory):
 
     repo = build_repository(tiny_repository, tmp_path_factory.mktemp("rest") / "repo")
     settings = ServerSettings(model_repository=str(repo), grpc_port=0, http_port=0, metrics_port=0,
-                              executor_threads=1)
+                              executor_threads=1, exit_on_error="false")  # "broken" beside good models
     with BackgroundServer(settings) as srv:
         srv.repo = repo
         yield srv
@@ -90,7 +90,10 @@ def test_tritonclient_http_reads_health_metadata_config_and_stats(triton_http):
     assert {"name": "input", "datatype": "FP32", "shape": [-1, -1, 1]} in model["inputs"]
     config = triton_http.get_model_config(MODEL)
     assert config["name"] == MODEL and config["max_batch_size"] == 64
-    assert {t["name"]: t["optional"] for t in config["input"]} == {"input": False, "h0": True, "c0": True}
+    # The implicit-state style: the client sends only `input`; the sequence batcher carries h0/c0 from hn/cn.
+    assert [t["name"] for t in config["input"]] == ["input"]
+    assert {(s["input_name"], s["output_name"]) for s in config["sequence_batching"]["state"]} == {("h0", "hn"),
+                                                                                                 ("c0", "cn")}
     assert config["input"][0]["dims"] == [-1, 1]  # int64 as numbers, as Triton writes them
     triton_http.infer(MODEL, [_triton_input("input", sample_input(1, 3))])
     stats = triton_http.get_inference_statistics(MODEL)["model_stats"][0]
@@ -212,8 +215,10 @@ def test_every_error_status_with_the_grpc_text(server, http):
     assert version.status_code == 404 and "no version '9'" in version.json()["error"]
     assert http.get(f"/v2/models/{MODEL}/versions/9").status_code == 404
     assert http.get("/v2/models/missing_model/config").status_code == 404
-    assert http.get("/v2/models/broken/ready").status_code == 503
-    assert http.get("/v2/models/missing_model/ready").status_code == 404
+    # Triton: 400 for a model version that is not ready, known or not (ModelReady answers false, not NOT_FOUND).
+    assert http.get("/v2/models/broken/ready").status_code == 400
+    missing = http.get("/v2/models/missing_model/ready")
+    assert missing.status_code == 400 and missing.json() == {"name": "missing_model", "ready": False}
     route = http.get("/v3/nothing")
     assert route.status_code == 404 and "no route GET /v3/nothing" in route.json()["error"]
     method = http.delete(f"/v2/models/{MODEL}/infer")

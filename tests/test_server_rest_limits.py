@@ -163,7 +163,7 @@ def _context(ca: str, pair: tuple[str, str] | None = None):
 def test_a_taken_rest_port_fails_start_up_naming_the_port(tiny_repository):
     import asyncio
 
-    from lstm_onnx.server.app import start_server
+    from lstm_onnx.server.app import StartupError, start_server
     from lstm_onnx.server.settings import ServerSettings
 
     with socket.socket() as taken:
@@ -171,5 +171,5 @@ def test_a_taken_rest_port_fails_start_up_naming_the_port(tiny_repository):
         taken.listen()
         port = taken.getsockname()[1]
         settings = ServerSettings(model_repository=str(tiny_repository), grpc_port=0, http_port=port, metrics_port=-1)
-        with pytest.raises(OSError, match=rf"cannot bind REST to 127.0.0.1:{port}: "):
+        with pytest.raises(StartupError, match=rf"REST port 127.0.0.1:{port}: cannot bind \(.*\); choose another with --http-port"):
             asyncio.run(start_server(settings))
