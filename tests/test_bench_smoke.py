@@ -86,8 +86,8 @@ def test_bench_command_checks_answers(tiny_server, tiny_repository, capsys):
                        "--requests", "12", "--check-every", "2", "--model-repository", str(tiny_repository))
     assert args.func(args) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[:4] == ["conc", "req", "err", "req/s"]
-    assert len(out) == 3 and all(line.endswith("ok") for line in out[1:])
+    assert out[0].split()[:5] == ["protocol", "conc", "req", "err", "req/s"]
+    assert len(out) == 3 and all(line.split()[0] == "grpc" and line.endswith("ok") for line in out[1:])
 
 
 @pytest.mark.parametrize("flag, value, message", [

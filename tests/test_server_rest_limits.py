@@ -122,7 +122,7 @@ def test_draining_refuses_rest_requests_with_503_and_ready_turns_503(tiny_reposi
         refused = http.post(f"/v2/models/{MODEL}/infer", json=body)
         assert refused.status_code == 503 and refused.json() == {"error": "server is shutting down: no new requests"}
         assert http.get("/v2/health/ready").json() == {"ready": False}
-        assert http.get(f"/v2/models/{MODEL}/ready").status_code == 503
+        assert http.get(f"/v2/models/{MODEL}/ready").status_code == 400  # not ready: Triton says 400
         assert http.get("/v2/health/live").status_code == 200
 
 

@@ -16,6 +16,7 @@ from google.protobuf import json_format
 from lstm_onnx.protocol import rest_codec
 from lstm_onnx.protocol.codec import SequenceControl
 from lstm_onnx.protos import grpc_service_pb2 as pb
+from lstm_onnx.protos import model_config_pb2 as mc
 
 from .client import ClientError, server_filled_inputs
 
@@ -73,9 +74,9 @@ class HttpInferenceClient:
         return json_format.ParseDict(self._get_json(self._model_path(model, version)), pb.ModelMetadataResponse(),
                                      ignore_unknown_fields=True)
 
-    def _config(self, model: str) -> pb.ModelConfig:
+    def _config(self, model: str) -> mc.ModelConfig:
         """The model's config.pbtxt as the gRPC client gives it (REST answers the ModelConfig message as JSON)."""
-        return json_format.ParseDict(self._get_json(self._model_path(model, "") + "/config"), pb.ModelConfig(),
+        return json_format.ParseDict(self._get_json(self._model_path(model, "") + "/config"), mc.ModelConfig(),
                                      ignore_unknown_fields=True)
 
     def optional_inputs(self, model: str) -> set[str]:

@@ -15,7 +15,9 @@ from google.protobuf import json_format
 
 from lstm_onnx.protocol import rest_codec
 from lstm_onnx.protos import grpc_service_pb2 as pb
+from lstm_onnx.protos import model_config_pb2 as mc
 
+from .client import server_filled_inputs
 from .loadgen import LevelResult, Payload, _Run
 
 
@@ -35,7 +37,7 @@ async def fetch_inputs_spec(session: aiohttp.ClientSession, url: str, model: str
     metadata = json_format.ParseDict(orjson.loads(body), pb.ModelMetadataResponse(), ignore_unknown_fields=True)
     async with session.get(f"http://{url}/v2/models/{model}/config") as response:
         config = orjson.loads(await response.read()) if response.status == 200 else {}
-    return metadata, {t["name"] for t in config.get("input", []) if t.get("optional")}
+    return metadata, server_filled_inputs(json_format.ParseDict(config, mc.ModelConfig(), ignore_unknown_fields=True))
 
 
 def make_payloads(metadata: pb.ModelMetadataResponse, optional: set[str], batch: int, times: list[int],
