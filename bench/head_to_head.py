@@ -29,7 +29,10 @@ def fetch_batch_stats(url: str, model: str) -> dict:
 
     stats = asyncio.run(go()).model_stats[0]
     return {"requests": stats.inference_stats.success.count, "runs": stats.execution_count,
-            "queue_ns": stats.inference_stats.queue.ns, "compute_ns": stats.inference_stats.compute_infer.ns,
+            # onnxruntime time summed over runs (batch_stats), so that per request it is the run's cost shared out;
+            # inference_stats.compute_infer adds a merged run's time once per request in it, as Triton does.
+            "queue_ns": stats.inference_stats.queue.ns,
+            "compute_ns": sum(b.compute_infer.ns for b in stats.batch_stats),
             "rows": {b.batch_size: b.compute_infer.count for b in stats.batch_stats}}
 
 
@@ -60,7 +63,7 @@ def batch_stats_between(before: dict, after: dict) -> dict:
 
 
 def measure(repo: Path, nobatch_repo: Path, model_path: Path, work: Path, top: int, seconds: float, rounds: int,
-            levels_async, install_mlserver: bool, log=print) -> dict:
+            levels_async, install_mlserver: bool, log=print, steps: int = 50) -> dict:
     """Alternate the three servers for `rounds` rounds at [1, top]; per server the rounds' rows and their medians.
 
     `levels_async(url, levels)` runs the load and returns one row per level (answers checked against ORT).
@@ -91,6 +94,13 @@ def measure(repo: Path, nobatch_repo: Path, model_path: Path, work: Path, top: i
                 rows += levels_async(server.url, [top])
                 if before is not None:
                     out["batch_stats"].append(batch_stats_between(before, fetch_batch_stats(server.url, "lstm")))
+                if label == "mlserver" and round_index == 0:  # can Triton's own load tool drive MLServer?
+                    from bench import perf_analyzer
+
+                    features = mlserver._features(model_path)
+                    out["mlserver_perf_analyzer"] = perf_analyzer.measure(
+                        server.url, "lstm", f"input:{steps},{features}", [1, top], interval_ms=2000)
+                    log(f"perf_analyzer on MLServer: {out['mlserver_perf_analyzer']}")
             out["runs"].setdefault(label, []).append(rows)
             log(f"head to head, round {round_index + 1}, {label}: " + ", ".join(
                 f"c{r['concurrency']} {r['rps']:.0f} req/s p50 {r['p50_ms']:.3f} ms" for r in rows))

@@ -98,6 +98,35 @@ def _ratio_rows(f: dict) -> tuple:
             _by_level(f["batching_off"], top), None, None, "")
 
 
+def perf_analyzer_lines(f: dict) -> list[str]:
+    """Triton's perf_analyzer beside our load generator: same server, request and levels."""
+    pa = f.get("perf_analyzer")
+    if not pa:
+        return []
+    lines = ["## perf_analyzer (Triton's load tool) beside our load generator", "",
+             "The same server process and request (batch 1), perf_analyzer's own closed loop over gRPC. The server "
+             "columns are what it read from ModelStatistics (µs per request).", "",
+             "| client | server | concurrency | req/s | p50 ms | p99 ms | queue | compute input | compute infer "
+             "| compute output |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    ours = {r["concurrency"]: r for r in f.get("batching_on", [])}
+    for server, result in (("ours", pa.get("ours", {})),
+                           ("MLServer", (f.get("head_to_head") or {}).get("mlserver_perf_analyzer"))):
+        if result is None:
+            continue
+        if "error" in result:
+            lines.append(f"| perf_analyzer | {server} | - | - | - | - | - | - | - | {result['error']} |")
+            continue
+        for r in result["rows"]:
+            lines.append(f"| perf_analyzer | {server} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.3f} | "
+                         f"{r['p99_ms']:.3f} | {r['server_queue_us']} | {r['server_input_us']} | "
+                         f"{r['server_infer_us']} | {r['server_output_us']} |")
+            own = ours.get(r["concurrency"]) if server == "ours" else None
+            if own:
+                lines.append(f"| our load generator | ours | {own['concurrency']} | {own['rps']:.0f} | "
+                             f"{own['p50_ms']:.3f} | {own.get('p99_ms', float('nan')):.3f} | | | | |")
+    return lines + [""]
+
+
 def head_to_head_lines(f: dict) -> list[str]:
     """The head-to-head section: medians per server and level, the rounds, and the merged batch sizes at the top."""
     h2h = f.get("head_to_head")
@@ -212,6 +241,7 @@ def write_report(f: dict, md_path: Path, png_path: Path, notes: str = "") -> Non
                   f"MLServer 1.7.1 with an onnxruntime runtime on this machine ({MLSERVER_RPS_C64:g} req/s at "
                   f"concurrency 64 with adaptive batching, p50 {MLSERVER_P50_C1_MS:g} ms at concurrency 1).", ""]
     lines += head_to_head_lines(f)
+    lines += perf_analyzer_lines(f)
     lines += [FINDINGS, ""]
     if notes:
         lines += [notes.strip(), ""]

@@ -181,6 +181,12 @@ def run_suite(work: Path, quick: bool = False, log=print) -> dict:
             "equal": _levels_async(server.url, "lstm", [1, top], seconds, requests, [mean], model_path),
             "mixed": _levels_async(server.url, "lstm", [1, top], seconds, requests, mixed, model_path)}
         log(f"ragged: {figures['ragged']}")
+        from bench import perf_analyzer
+
+        # Triton's own load tool on the same server and request (batch 1, T steps), at c1 and the top level.
+        figures["perf_analyzer"] = {"ours": perf_analyzer.measure(
+            server.url, "lstm", f"input:{steps},{model['input_size']}", [1, top], interval_ms=500 if quick else 3000)}
+        log(f"perf_analyzer: {figures['perf_analyzer']}")
         figures["stream"] = {
             "unary_t1": _levels_async(server.url, "lstm", [1], seconds, requests, [1], model_path),
             "stream_t1": _levels_async(server.url, "lstm", [1], seconds, requests, [steps], model_path, stream=True)}
@@ -202,7 +208,8 @@ def run_suite(work: Path, quick: bool = False, log=print) -> dict:
 
     h2h_seconds = 0.5 if quick else 3.0
     figures["head_to_head"] = head_to_head.measure(repo, nobatch, model_path, work, top, h2h_seconds,
-                                                   1 if quick else 5, levels_at, install_mlserver=not quick, log=log)
+                                                   1 if quick else 5, levels_at, install_mlserver=not quick, log=log,
+                                                   steps=steps)
 
     figures["workers"] = {}
     figures["worker_connections"] = WORKER_CONNECTIONS

@@ -18,6 +18,16 @@ from .runtime import ModelRuntime, Stopped
 Inputs = dict[str, np.ndarray]
 
 
+@dataclass(slots=True)
+class Timing:
+    """Where one request's time went, in Triton's ModelStatistics phases (nanoseconds)."""
+
+    queue_ns: int = 0  # waiting in the batcher's queue for a run to take it
+    input_ns: int = 0  # run taken -> onnxruntime starts: merging (padding) requests, waiting for a thread
+    infer_ns: int = 0  # onnxruntime's run
+    output_ns: int = 0  # onnxruntime done -> this request's outputs are split out and back on the event loop
+
+
 def batch_key(inputs: Inputs, time_input: str | None = None) -> tuple:
     """Requests with equal keys can be concatenated along the batch axis.
 
@@ -95,17 +105,18 @@ class DynamicBatcher:
         ragged = getattr(runtime, "ragged", None)
         self._time_input = ragged.time_input if ragged is not None else None
 
-    async def infer(self, inputs: Inputs, rows: int) -> tuple[Inputs, int]:
-        """All outputs for these inputs, and the ns the request waited in the queue."""
+    async def infer(self, inputs: Inputs, rows: int) -> tuple[Inputs, Timing]:
+        """All outputs for these inputs, and where the request's time went."""
         if not self.merge:
             start = self._clock()
             run_options = _run_options()
             try:
-                outputs, compute_ns = await self._execute(inputs, rows, None, run_options)
+                outputs, began, ended = await self._execute(inputs, rows, None, run_options, start)
             except asyncio.CancelledError:  # queued for a thread: never starts; running: stops at the next node
                 run_options.terminate = True
                 raise
-            return outputs, max(0, self._clock() - start - compute_ns)  # waiting for an executor thread
+            self.metrics.record_execution(*self._labels, rows, began - start, ended - began, 0)
+            return outputs, Timing(0, began - start, ended - began, self._clock() - ended)
         if not self._queue and (self._worker is None or self._worker.done()):
             return await self._run_inline(inputs, rows)
         item = _Pending(inputs, rows, batch_key(inputs, self._time_input),
@@ -121,7 +132,7 @@ class DynamicBatcher:
                 self._queue.remove(item)
             raise
 
-    async def _run_inline(self, inputs: Inputs, rows: int) -> tuple[Inputs, int]:
+    async def _run_inline(self, inputs: Inputs, rows: int) -> tuple[Inputs, Timing]:
         """Idle model: run in the caller's task, saving a task and a future per request at low load.
 
         The run marks the model busy until its executor job ends, even if the caller is cancelled, so that runs
@@ -133,39 +144,42 @@ class DynamicBatcher:
         run_options = _run_options()
         job = loop.run_in_executor(self.executor, self._timed_predict, inputs, None, run_options)
         self._worker = job
-        job.add_done_callback(lambda done: self._after_inline(done, rows))
+        job.add_done_callback(lambda done: self._after_inline(done, rows, start))
         try:
-            outputs, compute_ns = await asyncio.shield(job)
+            outputs, began, ended = await asyncio.shield(job)
         except asyncio.CancelledError:
             run_options.terminate = True
             raise
-        return outputs, max(0, self._clock() - start - compute_ns)  # waiting for an executor thread
+        return outputs, Timing(0, began - start, ended - began, self._clock() - ended)
 
-    def _after_inline(self, job: asyncio.Future, rows: int) -> None:
+    def _after_inline(self, job: asyncio.Future, rows: int, start: int) -> None:
         if not job.cancelled():
             if job.exception() is None:
-                self.metrics.record_execution(*self._labels, rows, job.result()[1])
+                _, began, ended = job.result()
+                self.metrics.record_execution(*self._labels, rows, began - start, ended - began, 0)
             elif isinstance(job.exception(), Stopped):
                 self.metrics.record_stopped(*self._labels)
         if self._queue and self._worker is job:
             self._worker = asyncio.get_running_loop().create_task(self._drain(busy=True))
 
-    async def _execute(self, inputs: Inputs, rows: int, lengths: np.ndarray | None = None,
-                       run_options=None) -> tuple[Inputs, int]:
+    async def _execute(self, inputs: Inputs, rows: int, lengths: np.ndarray | None, run_options,
+                       started: int) -> tuple[Inputs, int, int]:
+        """Run in an executor thread: outputs and the clock when onnxruntime began and ended. The execution's
+        input phase counts from `started` (the run was taken from the queue), its output phase is the split."""
         loop = asyncio.get_running_loop()
         try:
-            outputs, compute_ns = await loop.run_in_executor(self.executor, self._timed_predict, inputs, lengths,
-                                                             run_options)
+            outputs, began, ended = await loop.run_in_executor(self.executor, self._timed_predict, inputs, lengths,
+                                                               run_options)
         except Stopped:
             self.metrics.record_stopped(*self._labels)
             raise
-        self.metrics.record_execution(*self._labels, rows, compute_ns)
-        return outputs, compute_ns
+        return outputs, began, ended
 
-    def _timed_predict(self, inputs: Inputs, lengths: np.ndarray | None, run_options=None) -> tuple[Inputs, int]:
-        start = self._clock()
+    def _timed_predict(self, inputs: Inputs, lengths: np.ndarray | None,
+                       run_options=None) -> tuple[Inputs, int, int]:
+        began = self._clock()
         outputs = self.runtime.predict(inputs, None, lengths, run_options)
-        return outputs, self._clock() - start
+        return outputs, began, self._clock()
 
     def _take(self, key: tuple | None, room: int) -> list[_Pending]:
         taken, kept = [], []
@@ -217,7 +231,7 @@ class DynamicBatcher:
             item.future.add_done_callback(stop_if_abandoned)
         try:
             merged, lengths = merge_inputs([item.inputs for item in batch], self._time_input)
-            outputs, _ = await self._execute(merged, rows, lengths, run_options)
+            outputs, began, ended = await self._execute(merged, rows, lengths, run_options, started)
             pieces = split_outputs(outputs, [item.rows for item in batch])
         except Stopped:
             return  # every request in it was abandoned: nobody to answer
@@ -232,9 +246,12 @@ class DynamicBatcher:
         finally:
             for item in batch:
                 item.future.remove_done_callback(stop_if_abandoned)
+        split = self._clock()
+        self.metrics.record_execution(*self._labels, rows, began - started, ended - began, split - ended)
         for item, piece in zip(batch, pieces):
             if not item.future.done():  # a cancelled client leaves a done future
-                item.future.set_result((piece, started - item.enqueued_ns))
+                item.future.set_result((piece, Timing(started - item.enqueued_ns, began - started, ended - began,
+                                                      split - ended)))
 
 
 def _run_options():

@@ -34,11 +34,16 @@ class ModelCounters:
     request_ns: int = 0
     failure_ns: int = 0
     queue_ns: int = 0
+    # Per successful request, as Triton counts them: each request adds the phases of the run it was in.
+    compute_input_ns: int = 0
     compute_infer_ns: int = 0
+    compute_output_ns: int = 0
     pending: int = 0
     last_inference_ms: int = 0
     batch_sizes: Counter = field(default_factory=Counter)  # rows per run -> number of runs
-    batch_ns: Counter = field(default_factory=Counter)  # rows per run -> compute ns
+    batch_ns: Counter = field(default_factory=Counter)  # rows per run -> onnxruntime ns (compute_infer)
+    batch_input_ns: Counter = field(default_factory=Counter)  # rows per run -> compute_input ns
+    batch_output_ns: Counter = field(default_factory=Counter)  # rows per run -> compute_output ns
 
 
 class Metrics:
@@ -64,14 +69,19 @@ class Metrics:
         with self._lock:
             return self._counters.setdefault((model, version), ModelCounters())
 
-    def record_request(self, model: str, version: str, ok: bool, duration_ns: int, queue_ns: int = 0,
+    def record_request(self, model: str, version: str, ok: bool, duration_ns: int, timing=None,
                        rows: int = 0, reason: str = "OTHER") -> None:
+        """One request's outcome; `timing` (batcher.Timing) for a successful one."""
         c = self.counters(model, version)
         with self._lock:
             if ok:
                 c.success += 1
                 c.request_ns += duration_ns
-                c.queue_ns += queue_ns
+                if timing is not None:
+                    c.queue_ns += timing.queue_ns
+                    c.compute_input_ns += timing.input_ns
+                    c.compute_infer_ns += timing.infer_ns
+                    c.compute_output_ns += timing.output_ns
                 c.inference_count += rows
                 c.last_inference_ms = int(time.time() * 1000)
             else:
@@ -79,13 +89,16 @@ class Metrics:
                 c.failure_reasons[reason] += 1
                 c.failure_ns += duration_ns
 
-    def record_execution(self, model: str, version: str, rows: int, compute_ns: int) -> None:
+    def record_execution(self, model: str, version: str, rows: int, input_ns: int, infer_ns: int,
+                         output_ns: int) -> None:
+        """One onnxruntime run of `rows` rows (Triton's batch_stats)."""
         c = self.counters(model, version)
         with self._lock:
             c.exec_count += 1
-            c.compute_infer_ns += compute_ns
             c.batch_sizes[rows] += 1
-            c.batch_ns[rows] += compute_ns
+            c.batch_input_ns[rows] += input_ns
+            c.batch_ns[rows] += infer_ns
+            c.batch_output_ns[rows] += output_ns
 
     def record_stopped(self, model: str, version: str) -> None:
         c = self.counters(model, version)
@@ -121,8 +134,12 @@ FAMILIES: tuple[tuple[str, str, str, Callable[[ModelCounters], float]], ...] = (
      "(includes cached requests)", lambda c: (c.request_ns + c.failure_ns) // 1000),
     ("nv_inference_queue_duration_us", "counter", "Cumulative inference queuing duration in microseconds "
      "(includes cached requests)", lambda c: c.queue_ns // 1000),
+    ("nv_inference_compute_input_duration_us", "counter", "Cumulative compute input duration in microseconds "
+     "(does not include cached requests)", lambda c: c.compute_input_ns // 1000),
     ("nv_inference_compute_infer_duration_us", "counter", "Cumulative compute inference duration in microseconds "
      "(does not include cached requests)", lambda c: c.compute_infer_ns // 1000),
+    ("nv_inference_compute_output_duration_us", "counter", "Cumulative inference compute output duration in "
+     "microseconds (does not include cached requests)", lambda c: c.compute_output_ns // 1000),
     ("nv_inference_pending_request_count", "gauge", "Instantaneous number of pending requests awaiting execution "
      "per-model.", lambda c: c.pending),
 )

@@ -119,9 +119,9 @@ class Scheduler:
         finally:
             self.in_flight -= 1
             self.metrics.add_pending(*labels, -1)
-        outputs, queue_ns, rows, turn = result
+        outputs, timing, rows, turn = result
         self.metrics.record_request(*labels, ok=True, duration_ns=time.perf_counter_ns() - start,
-                                    queue_ns=queue_ns, rows=rows)
+                                    timing=timing, rows=rows)
         if turn is None:
             return InferResult(name, resolved.version, outputs)
         return InferResult(name, resolved.version, outputs, turn.step, turn.previous_id)
@@ -147,8 +147,8 @@ class Scheduler:
         names = requested or output_names
         if sequence is None:
             full = self._with_zero_state(runtime, inputs, rows)
-            outputs, queue_ns = await batcher.infer(full, rows)
-            return {n: outputs[n] for n in names}, queue_ns, rows, None
+            outputs, timing = await batcher.infer(full, rows)
+            return {n: outputs[n] for n in names}, timing, rows, None
         step = self.sequences.reserve(runtime.name, sequence, request_id)
         try:
             turn = await self.sequences.turn(step)  # refusals resolve the step themselves
@@ -166,7 +166,7 @@ class Scheduler:
                                           f"'{pair.output}' has batch {carried.shape[0]}")
                 full[pair.input] = carried
             full = self._with_zero_state(runtime, full, rows)
-            outputs, queue_ns = await batcher.infer(full, rows)
+            outputs, timing = await batcher.infer(full, rows)
         except asyncio.CancelledError:
             self.sequences.abandon(step, _why_abandoned(deadline))
             raise
@@ -178,7 +178,7 @@ class Scheduler:
             raise
         # No await between the run's end and the commit: a step is either applied and answered, or abandoned.
         self.sequences.commit(step, turn, {pair.output: outputs[pair.output] for pair in runtime.state})
-        return {n: outputs[n] for n in names}, queue_ns, rows, turn
+        return {n: outputs[n] for n in names}, timing, rows, turn
 
     @staticmethod
     def _with_zero_state(runtime, inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:

@@ -115,11 +115,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 s = stats.inference_stats
                 s.success.count, s.success.ns = c.success, c.request_ns
                 s.fail.count, s.fail.ns = c.failure, c.failure_ns
+                # Triton's counts: queue and the compute phases once per successful request (perf_analyzer checks
+                # that the three compute counts agree); batch_stats once per execution of that batch size.
                 s.queue.count, s.queue.ns = c.success, c.queue_ns
-                s.compute_infer.count, s.compute_infer.ns = c.exec_count, c.compute_infer_ns
+                s.compute_input.count, s.compute_input.ns = c.success, c.compute_input_ns
+                s.compute_infer.count, s.compute_infer.ns = c.success, c.compute_infer_ns
+                s.compute_output.count, s.compute_output.ns = c.success, c.compute_output_ns
                 for rows in sorted(c.batch_sizes):
                     batch = stats.batch_stats.add(batch_size=rows)
-                    batch.compute_infer.count, batch.compute_infer.ns = c.batch_sizes[rows], c.batch_ns[rows]
+                    runs = c.batch_sizes[rows]
+                    batch.compute_input.count, batch.compute_input.ns = runs, c.batch_input_ns[rows]
+                    batch.compute_infer.count, batch.compute_infer.ns = runs, c.batch_ns[rows]
+                    batch.compute_output.count, batch.compute_output.ns = runs, c.batch_output_ns[rows]
         return response
 
     @_status_on_error

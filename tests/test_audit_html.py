@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from audit_models import run_cli
+from conftest import missing_tool
 from onnx import numpy_helper
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -66,9 +67,7 @@ def _chromium(*args: str, tmp) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_html_report_renders_in_headless_chromium(report, tmp_path):
     if CHROMIUM is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("chromium is not installed; .ci/run installs Debian's chromium package")
-        pytest.skip("chromium is not installed (apt-get install chromium); CI installs it and runs this test")
+        missing_tool("chromium is not installed (apt-get install chromium); .ci/run installs it")
     # A copy with a probe appended: after load, it writes into the DOM how many images really decoded.
     probe = tmp_path / "probe.html"
     probe.write_text(report.read_text(encoding="utf-8").replace("</body>", (

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import missing_tool
 from server_models import sample_input
 
 MODEL = "tiny_lstm"
@@ -137,7 +138,7 @@ asyncio.run(main(sys.argv[1]))
 def test_kserve_rest_client_reads_health_and_infers_json_and_binary(server):
     python = KSERVE_VENV / "bin" / "python"
     if not python.exists():
-        pytest.skip(f"KServe's client needs its own venv ({KSERVE_VENV}; LSTM_ONNX_KSERVE_VENV): kserve pins "
+        missing_tool(f"KServe's client needs its own venv ({KSERVE_VENV}; LSTM_ONNX_KSERVE_VENV): kserve pins "
                     "protobuf<7 and pulls in kubernetes, fastapi and pandas, so it is not in the test extra "
                     "(make kserve-venv installs it)")
     x = sample_input(2, 4, seed=8)

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import missing_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 yaml = pytest.importorskip("yaml")
@@ -91,7 +92,7 @@ def test_pipeline_writes_where_the_server_reads(compose):
 def test_docker_compose_v1_validates_the_file():
     binary = shutil.which("docker-compose")
     if binary is None:
-        pytest.skip("docker-compose (v1) is not on PATH; .ci/run installs it")
+        missing_tool("docker-compose (v1) is not on PATH; .ci/run installs it")
     run = lambda *extra: subprocess.run([binary, "-f", "docker-compose.yml", *extra, "config", "-q"], cwd=ROOT,
                                         capture_output=True, text=True, timeout=120)
     result = run()

@@ -9,8 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server_models import sample_input
 
 # Triton's families that a CPU server exposes: name -> (type, labels). Taken from Triton's metrics.md tables
-# (inference request metrics, latencies, pending requests, CPU metrics). Not yet here: the compute_input and
-# compute_output durations, which need per-request timing from the batcher (issue 15, open).
+# (inference request metrics, latencies, pending requests, CPU metrics).
 TRITON_FAMILIES = {
     "nv_inference_request_success": ("counter", {"model", "version"}),
     "nv_inference_request_failure": ("counter", {"model", "reason", "version"}),
@@ -18,7 +17,9 @@ TRITON_FAMILIES = {
     "nv_inference_exec_count": ("counter", {"model", "version"}),
     "nv_inference_request_duration_us": ("counter", {"model", "version"}),
     "nv_inference_queue_duration_us": ("counter", {"model", "version"}),
+    "nv_inference_compute_input_duration_us": ("counter", {"model", "version"}),
     "nv_inference_compute_infer_duration_us": ("counter", {"model", "version"}),
+    "nv_inference_compute_output_duration_us": ("counter", {"model", "version"}),
     "nv_inference_pending_request_count": ("gauge", {"model", "version"}),
     "nv_cpu_utilization": ("gauge", set()),
     "nv_cpu_memory_total_bytes": ("gauge", set()),

@@ -78,14 +78,33 @@ def test_unknown_model_is_not_found_and_server_keeps_serving(triton):
 def test_statistics_and_metrics_count_requests(server, triton):
     import tritonclient.grpc as tc
 
+    def counts(stats) -> dict:
+        s = stats.inference_stats
+        ones = [b for b in stats.batch_stats if b.batch_size == 1]
+        return {"success": s.success.count, "fail": s.fail.count, "queue": s.queue.count,
+                "compute_input": s.compute_input.count, "compute_infer": s.compute_infer.count,
+                "compute_output": s.compute_output.count, "executions": stats.execution_count,
+                "inferences": stats.inference_count,
+                "runs_of_1": [(b.compute_input.count, b.compute_infer.count, b.compute_output.count) for b in ones]}
+
+    before = counts(triton.get_inference_statistics("tiny_gru").model_stats[0])
     x = sample_input(1, 4)
-    for _ in range(3):
+    for _ in range(3):  # one after another: each runs alone
         tensor = tc.InferInput("input", x.shape, "FP32")
         tensor.set_data_from_numpy(x)
         triton.infer("tiny_gru", [tensor])
     stats = triton.get_inference_statistics("tiny_gru").model_stats[0]
-    assert stats.inference_stats.success.count >= 3 and stats.execution_count >= 1
-    assert stats.inference_count >= 3
+    after = counts(stats)
+    runs_before = before["runs_of_1"][0][0] if before["runs_of_1"] else 0
+    assert {k: after[k] - before[k] for k in after if k != "runs_of_1"} == {
+        "success": 3, "fail": 0, "queue": 3, "compute_input": 3, "compute_infer": 3, "compute_output": 3,
+        "executions": 3, "inferences": 3}
+    assert after["runs_of_1"] == [(runs_before + 3,) * 3]
+    # perf_analyzer refuses statistics whose compute counts differ ("Server side statistics compute counts must
+    # be the same"): Triton counts queue and each compute phase once per successful request.
+    s = stats.inference_stats
+    assert s.success.count == s.queue.count == s.compute_input.count == s.compute_infer.count == s.compute_output.count
+    assert s.compute_infer.ns > 0 and s.compute_input.ns > 0 and s.success.ns >= s.compute_infer.ns
     url = f"http://127.0.0.1:{server.running.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
@@ -94,7 +113,9 @@ def test_statistics_and_metrics_count_requests(server, triton):
     expected = {"nv_inference_request_success": "counter", "nv_inference_request_failure": "counter",
                 "nv_inference_count": "counter", "nv_inference_exec_count": "counter",
                 "nv_inference_request_duration_us": "counter", "nv_inference_queue_duration_us": "counter",
-                "nv_inference_compute_infer_duration_us": "counter", "nv_inference_pending_request_count": "gauge"}
+                "nv_inference_compute_infer_duration_us": "counter", "nv_inference_pending_request_count": "gauge",
+                "nv_inference_compute_input_duration_us": "counter",
+                "nv_inference_compute_output_duration_us": "counter"}
     assert {name: families[name].type for name in expected} == expected
     for name in expected:
         labels = {"model", "reason", "version"} if name == "nv_inference_request_failure" else {"model", "version"}

@@ -122,7 +122,7 @@ def _races(repo: Path, model_path: Path, shape, clients: int, operations: int) -
                result.sent, errors, result.wrong,
                f"{rss_before / 2**20:.0f} → {rss_after / 2**20:.0f} MiB ({100 * growth:+.1f}%)",
                note=f"{result.answered} answered and checked, {result.refused} refused with their reason, "
-                    f"{result.gave_up} given up by the client, {result.unverified} unverifiable (two answers lost "
+                    f"{result.gave_up} given up by the client, {result.unverified} unverifiable (answers lost "
                     f"in a row); sequences leaked {len(leaked)}; {result.sent / seconds:.0f} ops/s; server process")
 
 

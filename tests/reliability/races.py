@@ -25,7 +25,9 @@ REASONS = {  # refusal -> words its message must hold
     grpc.StatusCode.INVALID_ARGUMENT: "unknown",
 }
 GAVE_UP = (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)  # the client's own doing
-WINDOW_S = 1.0  # a lost step's predecessor ran within this of it (the ids are busy); bounds the search only
+WINDOW_S = 5.0  # a lost step's predecessor ran within this of it (the ids are busy); bounds the search only
+MAX_LOST_IN_A_ROW = 12  # the longest run of lost answers the search follows back
+MAX_STATES = 4096  # distinct candidate states kept per lost step
 
 
 @dataclass
@@ -200,26 +202,41 @@ def check(ops: list[Op], reference: Reference) -> RaceResult:
         ok = all(float(np.max(np.abs(op.outputs[n] - outputs[n]))) <= ATOL for n in outputs)
         return left if ok else None
 
-    def lost_after(lost: Op, step: int, depth: int):
+    reachable: dict[tuple[str, int], list[dict]] = {}
+
+    def lost_after(lost: Op, step: int, depth: int) -> list[dict]:
         """States a step whose answer was lost may have left, as step `step` of its sequence: on a start, on an
-        answered step with no known successor (step - 1, run just before it), or on another lost step."""
+        answered step with no known successor (step - 1, run just before it), or on another lost step. Memoised
+        per (step, place in the log), so a run of many lost steps in a row costs a search per step, not a tree."""
+        key = (lost.rid, step)
+        if key in reachable:
+            return reachable[key]
+        reachable[key] = found = []  # a cycle through this key finds nothing more
+        seen: set[bytes] = set()
+
+        def add(state: dict) -> None:
+            digest = b"".join(np.round(state[n], 5).tobytes() for n in sorted(state))
+            if digest not in seen:
+                seen.add(digest)
+                found.append(state)
         if lost.kind == "start":
             if step == 1:
-                yield reference.run(lost.x, reference.zeros())[1]
-            return
+                add(reference.run(lost.x, reference.zeros())[1])
+            return found
         if step <= 1 or depth == 0:
-            return
+            return found
         for c in by_seq[lost.seq]:
-            if c is lost or c.kind == "end" or not (c.sent_at < lost.ended_at + WINDOW_S
-                                                     and c.ended_at > lost.sent_at - WINDOW_S):
+            if len(found) >= MAX_STATES or c is lost or c.kind == "end" or not (
+                    c.sent_at < lost.ended_at + WINDOW_S and c.ended_at > lost.sent_at - WINDOW_S):
                 continue
             if c.code is None and c.step == step - 1 and c.rid not in named:
                 state = state_after(c)
                 if state is not None:
-                    yield reference.run(lost.x, state)[1]
+                    add(reference.run(lost.x, state)[1])
             elif c.code in GAVE_UP:
-                for state in lost_after(c, step - 1, depth - 1):
-                    yield reference.run(lost.x, state)[1]
+                for state in lost_after(c, step - 1, depth - 1)[:MAX_STATES - len(found)]:
+                    add(reference.run(lost.x, state)[1])
+        return found
 
     def state_after(op: Op) -> dict | None:
         """The state an answered step left, checking its answer on the way."""
@@ -243,7 +260,7 @@ def check(ops: list[Op], reference: Reference) -> RaceResult:
                 left = matches(op, state)
                 why = "differs from onnxruntime over its applied steps" if left is None else ""
             else:  # its predecessor's answer was lost: find what that step was applied on
-                for mid in itertools.islice(lost_after(before, op.step - 1, 3), 5000):
+                for mid in lost_after(before, op.step - 1, MAX_LOST_IN_A_ROW):
                     left = matches(op, mid)
                     if left is not None:
                         break
