@@ -28,6 +28,7 @@ GAVE_UP = (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)  # the 
 WINDOW_S = 5.0  # a lost step's predecessor ran within this of it (the ids are busy); bounds the search only
 MAX_LOST_IN_A_ROW = 12  # the longest run of lost answers the search follows back
 MAX_STATES = 4096  # distinct candidate states kept per lost step
+MAX_PASSES = 8  # rounds of the check's fixed point (each resolves the steps the previous ones made reachable)
 
 
 @dataclass
@@ -203,6 +204,9 @@ def check(ops: list[Op], reference: Reference) -> RaceResult:
         return left if ok else None
 
     reachable: dict[tuple[str, int], list[dict]] = {}
+    pending: set[str] = set()  # steps whose check is in progress up the stack: their state is not known yet
+    pending_keys: set[tuple[str, int]] = set()
+    partial: list[bool] = [False]  # a search below met one of them, so its result must not be kept
 
     def lost_after(lost: Op, step: int, depth: int) -> list[dict]:
         """States a step whose answer was lost may have left, as step `step` of its sequence: on a start, on an
@@ -211,7 +215,17 @@ def check(ops: list[Op], reference: Reference) -> RaceResult:
         key = (lost.rid, step)
         if key in reachable:
             return reachable[key]
-        reachable[key] = found = []  # a cycle through this key finds nothing more
+        if lost.kind == "start":  # a start runs on zeros, whatever came before it
+            reachable[key] = [reference.run(lost.x, reference.zeros())[1]] if step == 1 else []
+            return reachable[key]
+        if step <= 1 or depth == 0:
+            return []
+        if key in pending_keys:  # a cycle: this search is already running up the stack
+            partial[0] = True
+            return []
+        pending_keys.add(key)
+        outer, partial[0] = partial[0], False
+        found: list[dict] = []
         seen: set[bytes] = set()
 
         def add(state: dict) -> None:
@@ -219,29 +233,38 @@ def check(ops: list[Op], reference: Reference) -> RaceResult:
             if digest not in seen:
                 seen.add(digest)
                 found.append(state)
-        if lost.kind == "start":
-            if step == 1:
-                add(reference.run(lost.x, reference.zeros())[1])
-            return found
-        if step <= 1 or depth == 0:
-            return found
+
         for c in by_seq[lost.seq]:
             if len(found) >= MAX_STATES or c is lost or c.kind == "end" or not (
                     c.sent_at < lost.ended_at + WINDOW_S and c.ended_at > lost.sent_at - WINDOW_S):
                 continue
             if c.code is None and c.step == step - 1 and c.rid not in named:
+                if c.rid in pending:  # its check is in progress up the stack: not known yet
+                    partial[0] = True
+                    continue
                 state = state_after(c)
                 if state is not None:
                     add(reference.run(lost.x, state)[1])
             elif c.code in GAVE_UP:
                 for state in lost_after(c, step - 1, depth - 1)[:MAX_STATES - len(found)]:
                     add(reference.run(lost.x, state)[1])
+        pending_keys.discard(key)
+        if not partial[0]:
+            reachable[key] = found
+        partial[0] = partial[0] or outer
         return found
 
     def state_after(op: Op) -> dict | None:
         """The state an answered step left, checking its answer on the way."""
         if op.rid in after:
             return after[op.rid]
+        pending.add(op.rid)
+        try:
+            return _state_after(op)
+        finally:
+            pending.discard(op.rid)
+
+    def _state_after(op: Op) -> dict | None:
         after[op.rid] = None
         left, why = None, ""
         if op.kind == "start":
@@ -265,17 +288,36 @@ def check(ops: list[Op], reference: Reference) -> RaceResult:
                     if left is not None:
                         break
                 if left is None:
-                    result.unverified += 1
-                    result.note(f"{op.rid} (step {op.step} of {op.seq}) after {before.rid} ({before.kind}, "
-                                f"{before.code.name}): no log found")
+                    if counting[0]:
+                        result.unverified += 1
+                        result.note(f"{op.rid} (step {op.step} of {op.seq}) after {before.rid} ({before.kind}, "
+                                    f"{before.code.name}): no log found")
                     after[op.rid] = None
                     return None
-        if left is None:
+        if left is None and counting[0]:
             result.wrong += 1
             result.note(f"{op.rid} (step {op.step} of {op.seq}, after {op.previous!r}): {why}")
         after[op.rid] = left
         return left
 
+    # The searches meet steps whose own check is still in progress up the stack (step numbers repeat after each
+    # restart, so a window holds other incarnations' steps too), and find nothing through them yet. So resolve
+    # to a fixed point: each pass keeps the states found and retries the rest; the last pass counts.
+    answered = [op for op in ops if op.code is None]
+    counting = [False]
+    for _ in range(MAX_PASSES):
+        known = sum(after.get(op.rid) is not None for op in answered)
+        for key in [k for k, v in after.items() if v is None]:
+            del after[key]
+        reachable.clear()
+        for op in answered:
+            state_after(op)
+        if sum(after.get(op.rid) is not None for op in answered) == known:
+            break
+    for key in [k for k, v in after.items() if v is None]:
+        del after[key]
+    reachable.clear()
+    counting[0] = True
     for op in ops:
         if op.code is None:
             result.answered += 1
