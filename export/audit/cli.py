@@ -51,7 +51,8 @@ def run_audit(args: argparse.Namespace) -> int:
     from lstm_onnx.errors import CheckFailed, UsageError
 
     from . import AuditInputError, audit_model
-    from .report import format_text, to_json, write_npz, write_plot
+    from .plot import write_plot
+    from .report import format_text, to_json, write_npz
 
     if args.fail_on_change and not args.against:
         raise UsageError("--fail-on-change needs --against OLD.onnx (the model to compare with)")
