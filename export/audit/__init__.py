@@ -4,8 +4,8 @@ Reads any ONNX model with LSTM/GRU nodes (ours or another tool's, float or onnxr
 Modules, each importing only those before it: `result` (plain data, nothing of ours), `gates` and
 `external` (splitting, safe tensor reads), `quantized` (integer weights), `folding` (constant subgraphs),
 `heads` (the counting rule), `shapes` (checks around each node), `graph` (resolving the recurrence),
-`findings` (checks), `comparison` (--against), `provenance` (checkpoint comparison), `report`, `html`
-and `cli`. May import lstm_onnx.contract, onnx, numpy and (lazily) safetensors and matplotlib; never
+`findings` (checks), `comparison` (--against), `provenance` (checkpoint comparison), `report`, `plot`
+(--plot), `html` and `cli`. May import lstm_onnx.contract, onnx, numpy and (lazily) safetensors and matplotlib; never
 torch, onnxruntime or the rest of export/ and server/.
 """
 from __future__ import annotations

@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON (stable keys) instead of tables")
     parser.add_argument("--gates-npz", metavar="FILE",
                         help="write every gate tensor to FILE under layer{k}.{direction}.{gate}.{W|R|bW|bR|P}")
-    parser.add_argument("--plot", metavar="FILE.png", help="draw a heatmap per layer, direction and gate (needs matplotlib)")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="draw W | R | b per layer, direction and gate as heatmaps on shared colour scales; with "
+                        "--checkpoint also trained minus init.safetensors (needs matplotlib)")
     parser.set_defaults(func=run_audit)
 
 
@@ -51,7 +53,8 @@ def run_audit(args: argparse.Namespace) -> int:
     from lstm_onnx.errors import CheckFailed, UsageError
 
     from . import AuditInputError, audit_model
-    from .report import format_text, to_json, write_npz, write_plot
+    from .plot import write_plot
+    from .report import format_text, to_json, write_npz
 
     if args.fail_on_change and not args.against:
         raise UsageError("--fail-on-change needs --against OLD.onnx (the model to compare with)")

@@ -44,6 +44,7 @@ def compare_checkpoint(audit: Audit, run_dir: Path) -> None:
     weights = read_tensors(run_dir / WEIGHTS_FILE)
     init = read_tensors(run_dir / INIT_FILE) if (run_dir / INIT_FILE).is_file() else None
     audit.checkpoint = {}
+    audit.checkpoint_path = str(run_dir)
     audit.checkpoint_params = sum(int(a.size) for a in weights.values())
     # These findings replace the "cannot be determined" note: the checkpoint answers it (or says why not).
     audit.findings = [f for f in audit.findings if f.code != "UNTRAINED_UNKNOWN"]

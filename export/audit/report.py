@@ -1,4 +1,4 @@
-"""Rendering an Audit: fixed-column text tables, JSON with a SHA-256 per tensor, a gate npz, and heatmaps."""
+"""Rendering an Audit: fixed-column text tables, JSON with a SHA-256 per tensor and a gate npz (heatmaps: plot.py)."""
 from __future__ import annotations
 
 import math
@@ -300,41 +300,3 @@ def write_npz(audit: Audit, path: str | os.PathLike) -> int:
         np.savez(f, **arrays)
     return len(arrays)
 
-
-def write_plot(audit: Audit, path: str | os.PathLike) -> None:
-    """One heatmap per layer, direction and gate: W and R side by side, biases as a last column pair."""
-    import matplotlib  # lazily: only --plot needs it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [(x, d) for x in audit.layers if x.gates for d in x.directions]
-    if not rows:
-        raise ValueError(f"--plot {path}: the model has no resolved recurrent gates to draw")
-    cols = max(len(DISPLAY_ORDER[x.op]) for x, _ in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(3.2 * cols, 2.6 * len(rows)), squeeze=False)
-    for r, (layer, direction) in enumerate(rows):
-        parts = {(g.gate, g.kind): np.asarray(g.array, np.float64) for g in layer.gates if g.direction == direction}
-        for c in range(cols):
-            ax = axes[r][c]
-            order = DISPLAY_ORDER[layer.op]
-            if c >= len(order):
-                ax.axis("off")
-                continue
-            gate = order[c]
-            h = layer.hidden_size
-            blocks = [parts[(gate, "W")], np.full((h, 1), np.nan), parts[(gate, "R")]]
-            for kind in ("bW", "bR"):
-                if (gate, kind) in parts:
-                    blocks += [np.full((h, 1), np.nan), parts[(gate, kind)].reshape(h, 1)]
-            image = np.hstack(blocks)
-            lim = float(np.nanmax(np.abs(image))) if np.isfinite(image).any() else 1.0
-            cmap = plt.get_cmap("RdBu_r").copy()
-            cmap.set_bad("0.25")  # the NaN separator columns between W, R and the biases show dark grey
-            im = ax.imshow(image, cmap=cmap, vmin=-lim or -1, vmax=lim or 1, aspect="auto", interpolation="nearest")
-            ax.set_title(f"{layer.label} {direction} {gate}: W | R | b", fontsize=8)
-            ax.tick_params(labelsize=6)
-            fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)

@@ -129,6 +129,7 @@ class Audit:
     not_counted: list[tuple[str, str]] = field(default_factory=list)
     # key -> {"pytorch": "rnn.weight_ih_l0[0:8]", "identical": bool, "change": float | None}; None without --checkpoint
     checkpoint: dict[str, dict[str, Any]] | None = None
+    checkpoint_path: str | None = None  # the run directory given as --checkpoint
     checkpoint_params: int | None = None
     # key -> {"max_abs", "relative", "bound_share", "changed", ...}; set by --against (see comparison.py)
     against: dict[str, dict[str, Any]] | None = None
@@ -137,7 +138,7 @@ class Audit:
     # key -> quantization error of an integer gate against its float original (--against FLOAT or --checkpoint)
     quant_errors: dict[str, dict[str, float]] | None = None
     # gate key -> the same slice at init (--checkpoint with init.safetensors) and in the old model (--against),
-    # for the HTML report's change heatmaps
+    # for the change heatmaps of --plot and --html
     init_arrays: dict[str, np.ndarray] = field(default_factory=dict)
     old_arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
