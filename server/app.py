@@ -114,7 +114,7 @@ async def start_server(settings: ServerSettings, metrics: Metrics | None = None)
         options = RuntimeOptions(settings.provider, settings.intra_op_threads, settings.inter_op_threads,
                                  spinning=settings.intra_op_spinning == "on")
         repository = Repository(Path(settings.model_repository), options, settings.max_batch_size,
-                                settings.max_queue_delay_us)
+                                settings.max_queue_delay_us, settings.max_model_bytes)
         repository.strict_readiness = settings.strict_readiness == "true"
         # Loading builds sessions and self-tests them: off the loop so a slow model does not block signals.
         await asyncio.get_running_loop().run_in_executor(executor, repository.load_all)

@@ -1,10 +1,91 @@
-"""config.pbtxt against the graph: the tensors it names, and a sequence_batching this server and Triton both honour."""
+"""config.pbtxt: read without trusting it, every value this server uses range-checked, and checked against the graph
+(the tensors it names, and a sequence_batching this server and Triton both honour)."""
 from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from google.protobuf import text_format
 
 from lstm_onnx.protocol import datatypes
 from lstm_onnx.protos import model_config_pb2 as mc
 
+from .model_file import read_regular_file
 from .runtime import ModelRuntime, StatePair, describe_pairs
+
+PLATFORM = "onnxruntime_onnx"
+BACKEND = "onnxruntime"
+DEFAULT_MODEL_FILENAME = "model.onnx"
+# Ranges of the values this server acts on; Triton has none, but past these a config is a mistake, not a choice.
+MAX_CONFIG_BYTES = 1 << 20  # Triton's configs are a few KiB
+MAX_BATCH_SIZE = 1 << 16  # rows merged into one run; a request's own size is bounded by max_message_bytes
+MAX_QUEUE_DELAY_US = 10_000_000  # 10 s: a longer wait for a batch to fill outlasts the clients' deadlines
+MAX_SEQUENCE_IDLE_US = 86_400_000_000  # 1 day: past it a sequence is never forgotten, in practice
+
+
+class ConfigError(ValueError):
+    """A config.pbtxt that cannot be used: unreadable, or a value out of its range."""
+
+
+def read_config(path: Path) -> mc.ModelConfig:
+    """The model's config.pbtxt, empty when there is none; ConfigError naming the file when it cannot be used."""
+    config = mc.ModelConfig()
+    if not os.path.lexists(path):
+        return config
+    data = read_regular_file(path, MAX_CONFIG_BYTES, "the config.pbtxt limit")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}), expected "
+                          "protobuf text format in UTF-8") from None
+    try:
+        text_format.Parse(text, config)
+    except (text_format.ParseError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"{path}: {exc}".splitlines()[0]) from None
+    return config
+
+
+def model_filename(config: mc.ModelConfig) -> str:
+    """The model file's name in each version folder: a plain file name, so the model stays in its folder."""
+    name = config.default_model_filename or DEFAULT_MODEL_FILENAME
+    if name in (".", "..") or any(c in name for c in "/\\\0") or len(name.encode()) > 255:
+        raise ConfigError(f"config.pbtxt default_model_filename: got {name!r}, expected a file name in the version "
+                          "folder such as 'model.onnx' (no '/', '\\' or '..', at most 255 bytes)")
+    return name
+
+
+def check_ranges(config: mc.ModelConfig) -> None:
+    """Raise ConfigError naming the first value this server reads that is out of its range, with the range."""
+    where = "config.pbtxt"
+    for field, allowed in (("platform", PLATFORM), ("backend", BACKEND)):
+        value = getattr(config, field)
+        if value not in ("", allowed):
+            raise ConfigError(f"{where} {field}: got {value!r}, expected {allowed!r} (or none): this server runs "
+                              "ONNX models with onnxruntime only")
+    if not 0 <= config.max_batch_size <= MAX_BATCH_SIZE:
+        raise ConfigError(f"{where} max_batch_size: got {config.max_batch_size}, expected 0..{MAX_BATCH_SIZE} "
+                          "(0: the model does not batch)")
+    tensors = [("input", t.name, t) for t in config.input] + [("output", t.name, t) for t in config.output]
+    tensors += [("sequence_batching.state", t.input_name, t) for t in config.sequence_batching.state]
+    for kind, name, tensor in tensors:
+        if any(d < 1 and d != -1 for d in tensor.dims):
+            raise ConfigError(f"{where} {kind} '{name}' dims: got {list(tensor.dims)}, expected each -1 (any size) "
+                              "or at least 1")
+        if tensor.data_type not in mc.DataType.values():
+            raise ConfigError(f"{where} {kind} '{name}' data_type: got {tensor.data_type}, expected one of "
+                              f"{', '.join(mc.DataType.keys())}")
+    seq = config.sequence_batching
+    delays = [("dynamic_batching", config.dynamic_batching.max_queue_delay_microseconds),
+              ("sequence_batching.oldest", seq.oldest.max_queue_delay_microseconds),
+              ("sequence_batching.direct", seq.direct.max_queue_delay_microseconds)]
+    for owner, delay in delays:
+        if delay > MAX_QUEUE_DELAY_US:
+            raise ConfigError(f"{where} {owner}.max_queue_delay_microseconds: got {delay}, expected "
+                              f"0..{MAX_QUEUE_DELAY_US} ({MAX_QUEUE_DELAY_US // 1_000_000} s)")
+    if seq.max_sequence_idle_microseconds > MAX_SEQUENCE_IDLE_US:
+        raise ConfigError(f"{where} sequence_batching.max_sequence_idle_microseconds: got "
+                          f"{seq.max_sequence_idle_microseconds}, expected 0..{MAX_SEQUENCE_IDLE_US} (1 day; 0: "
+                          "Triton's default of 1 s)")
 
 
 def check_config(config: mc.ModelConfig, runtime: ModelRuntime) -> None:
