@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lstm_onnx.protocol import datatypes
-from lstm_onnx.protocol.errors import NotFound, Unavailable
+from lstm_onnx.protocol.errors import NotFound, Unavailable, clip
 from lstm_onnx.protos import model_config_pb2 as mc
 
 from .config_rules import (
@@ -64,7 +64,7 @@ class ModelEntry:
             try:
                 entry = self.versions[int(version)]
             except (ValueError, KeyError):
-                raise NotFound(f"model '{self.name}': no version {version!r}, expected one of "
+                raise NotFound(f"model '{self.name}': no version {clip(version)!r}, expected one of "
                                f"{sorted(self.versions)}") from None
         else:
             ready = [v for v in self.versions.values() if v.ready]
@@ -118,7 +118,7 @@ class Repository:
         try:
             return self.models[name]
         except KeyError:
-            raise NotFound(f"model '{name}' not found, expected one of {sorted(self.models)}") from None
+            raise NotFound(f"model '{clip(name)}' not found, expected one of {sorted(self.models)}") from None
 
     def resolve(self, name: str, version: str = "") -> ModelVersion:
         return self.get(name).resolve(version)
