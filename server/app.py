@@ -17,9 +17,9 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from lstm_onnx import protos
 from lstm_onnx.protos import grpc_service_pb2 as pb
-from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
 from . import tls
+from .handlers import add_inference_servicer
 from .metrics import Metrics, start_metrics_server
 from .repository import Repository
 from .runtime import RuntimeOptions
@@ -136,7 +136,7 @@ async def start_server(settings: ServerSettings, metrics: Metrics | None = None)
         limits.append(("grpc.so_reuseport", 1 if settings.workers > 1 else 0))
         server = grpc.aio.server(options=limits)
         servicer = InferenceServicer(repository, scheduler, settings.max_concurrent_streams)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        add_inference_servicer(servicer, server)  # undecodable requests: INVALID_ARGUMENT, not UNKNOWN
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for file_descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
