@@ -21,12 +21,12 @@ class ModelFileError(ValueError):
 
 
 def read_regular_file(path: str | os.PathLike, max_bytes: int, limit_name: str) -> bytes:
-    """The bytes of `path`, which must be a regular file of at most `max_bytes` (the setting `limit_name`).
+    """The bytes of `path`, which must be a regular file of at most `max_bytes` (`limit_name` in the message).
 
     A FIFO, a device or a folder is refused from its stat, before it is opened, and the open itself does not
     block (a FIFO waits for a writer forever); what is read is what the descriptor's own stat checked.
     """
-    fd = _open_regular(Path(path), f"{path}")
+    fd = _open_regular(Path(path), str(path))
     try:
         size = os.fstat(fd).st_size
         if size > max_bytes:
