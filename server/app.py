@@ -17,10 +17,13 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from lstm_onnx import protos
 from lstm_onnx.protos import grpc_service_pb2 as pb
-from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
 from . import tls
+<<<<<<< HEAD
 from .http_site import HttpLimits, HttpSite, ssl_context
+=======
+from .handlers import add_inference_servicer
+>>>>>>> hostile-repo
 from .metrics import Metrics, start_metrics_server
 from .repository import Repository
 from .rest import RestApi
@@ -119,7 +122,7 @@ async def start_server(settings: ServerSettings, metrics: Metrics | None = None)
         options = RuntimeOptions(settings.provider, settings.intra_op_threads, settings.inter_op_threads,
                                  spinning=settings.intra_op_spinning == "on")
         repository = Repository(Path(settings.model_repository), options, settings.max_batch_size,
-                                settings.max_queue_delay_us)
+                                settings.max_queue_delay_us, settings.max_model_bytes)
         repository.strict_readiness = settings.strict_readiness == "true"
         # Loading builds sessions and self-tests them: off the loop so a slow model does not block signals.
         await asyncio.get_running_loop().run_in_executor(executor, repository.load_all)
@@ -141,7 +144,7 @@ async def start_server(settings: ServerSettings, metrics: Metrics | None = None)
         limits.append(("grpc.so_reuseport", 1 if settings.workers > 1 else 0))
         server = grpc.aio.server(options=limits)
         servicer = InferenceServicer(repository, scheduler, settings.max_concurrent_streams)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        add_inference_servicer(servicer, server)  # undecodable requests: INVALID_ARGUMENT, not UNKNOWN
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for file_descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):

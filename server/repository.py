@@ -2,23 +2,31 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from google.protobuf import text_format
-
 from lstm_onnx.protocol import datatypes
-from lstm_onnx.protocol.errors import NotFound, Unavailable
+from lstm_onnx.protocol.errors import NotFound, Unavailable, clip
 from lstm_onnx.protos import model_config_pb2 as mc
 
-from .model_file import check_model_file
-from .runtime import ModelRuntime, RuntimeOptions, StatePair, describe_pairs
+from .config_rules import (
+    PLATFORM,
+    ConfigError,
+    check_config,
+    check_ranges,
+    check_sequence_batching,
+    model_filename,
+    read_config,
+)
+from .model_file import DEFAULT_MAX_MODEL_BYTES, ModelFileError, check_model_file
+from .runtime import ModelRuntime, RuntimeOptions, StatePair
 
 log = logging.getLogger("lstm_onnx.server")
 
 READY = "READY"
 UNAVAILABLE = "UNAVAILABLE"
-PLATFORM = "onnxruntime_onnx"
+INT64_MAX = 2**63 - 1  # versions travel as int64 in Triton's protocol
 # core src/constants.h SEQUENCE_IDLE_DEFAULT_MICROSECONDS: Triton's idle timeout when the config gives none.
 TRITON_SEQUENCE_IDLE_DEFAULT_US = 1_000_000
 
@@ -56,7 +64,7 @@ class ModelEntry:
             try:
                 entry = self.versions[int(version)]
             except (ValueError, KeyError):
-                raise NotFound(f"model '{self.name}': no version {version!r}, expected one of "
+                raise NotFound(f"model '{self.name}': no version {clip(version)!r}, expected one of "
                                f"{sorted(self.versions)}") from None
         else:
             ready = [v for v in self.versions.values() if v.ready]
@@ -75,8 +83,9 @@ class Repository:
     """All models of one directory, loaded once at start-up."""
 
     def __init__(self, root: Path, options: RuntimeOptions, default_max_batch_size: int,
-                 default_queue_delay_us: int):
+                 default_queue_delay_us: int, max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES):
         self.root = Path(root)
+        self.max_model_bytes = max_model_bytes  # model.onnx plus its external data, per version
         self.options = options
         self.default_max_batch_size = default_max_batch_size
         self.default_queue_delay_us = default_queue_delay_us
@@ -88,14 +97,28 @@ class Repository:
         if not self.root.is_dir():
             raise FileNotFoundError(f"model repository {self.root}: not a directory")
         for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            entry = self._load_model(model_dir)
+            name = os.fsencode(model_dir.name).decode("utf-8", "backslashreplace")
+            if name != model_dir.name:  # the protocol carries names as UTF-8: this one cannot travel as it is
+                entry = ModelEntry(name=name, config=mc.ModelConfig(name=name),
+                                   reason=f"model folder '{name}': its name is not UTF-8, expected a UTF-8 name")
+                log.error("model failed", extra={"fields": {"model": name, "reason": entry.reason}})
+            else:
+                entry = self._load_or_fail(model_dir)
             self.models[entry.name] = entry
+
+    def _load_or_fail(self, model_dir: Path) -> ModelEntry:
+        try:
+            return self._load_model(model_dir)
+        except Exception as exc:  # a bug or an entry no check foresaw: it fails alone, start-up goes on
+            log.exception("model failed", extra={"fields": {"model": model_dir.name}})
+            return ModelEntry(name=model_dir.name, config=mc.ModelConfig(name=model_dir.name),
+                              reason=f"{model_dir}: {type(exc).__name__}: {exc}".splitlines()[0])
 
     def get(self, name: str) -> ModelEntry:
         try:
             return self.models[name]
         except KeyError:
-            raise NotFound(f"model '{name}' not found, expected one of {sorted(self.models)}") from None
+            raise NotFound(f"model '{clip(name)}' not found, expected one of {sorted(self.models)}") from None
 
     def resolve(self, name: str, version: str = "") -> ModelVersion:
         return self.get(name).resolve(version)
@@ -119,41 +142,40 @@ class Repository:
 
     def _load_model(self, model_dir: Path) -> ModelEntry:
         name = model_dir.name
+        entry = ModelEntry(name=name, config=mc.ModelConfig())
         config_path = model_dir / "config.pbtxt"
-        config = mc.ModelConfig()
-        entry = ModelEntry(name=name, config=config)
-        if config_path.exists():
-            try:
-                text_format.Parse(config_path.read_text(), config)
-            except text_format.ParseError as exc:
-                entry.reason = f"{config_path}: {exc}"
-                log.error("model failed", extra={"fields": {"model": name, "reason": entry.reason}})
-                return entry
+        try:
+            entry.config = config = read_config(config_path)
             if config.name and config.name != name:
-                entry.reason = f"{config_path}: name {config.name!r} differs from the directory name {name!r}"
-                log.error("model failed", extra={"fields": {"model": name, "reason": entry.reason}})
-                return entry
+                raise ConfigError(f"{config_path}: name {config.name!r} differs from the directory name {name!r}")
+            check_ranges(config)
+            filename = model_filename(config)
+        except (ConfigError, ModelFileError) as exc:
+            entry.reason = str(exc)
+            log.error("model failed", extra={"fields": {"model": name, "reason": entry.reason}})
+            return entry
         config.name = name
-        filename = config.default_model_filename or "model.onnx"
-        versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-        for number in _select_versions(versions, config):
-            entry.versions[number] = self._load_version(entry, number, model_dir / str(number) / filename)
+        folders, ignored = _version_folders(name, model_dir)
+        for number in _select_versions(sorted(folders), config):
+            entry.versions[number] = self._load_version(entry, number, folders[number] / filename, model_dir)
         if not entry.versions:
-            entry.reason = f"{model_dir}: no numeric version directory with {filename}"
+            entry.reason = (f"{model_dir}: no version folder with {filename}, expected folders named by ASCII digits "
+                            "(1, 2, ...)" + (f"; ignored {', '.join(ignored)}" if ignored else ""))
             log.error("model failed", extra={"fields": {"model": name, "reason": entry.reason}})
         self._complete_config(entry)
         return entry
 
-    def _load_version(self, entry: ModelEntry, number: int, path: Path) -> ModelVersion:
+    def _load_version(self, entry: ModelEntry, number: int, path: Path, model_dir: Path) -> ModelVersion:
         version = ModelVersion(number)
         runtime = ModelRuntime(name=entry.name, version=number, path=path)
         try:
             if not path.exists():
                 raise FileNotFoundError(f"{path}: missing")
-            check_model_file(path)  # before onnxruntime follows an external-data hard link out of the folder
+            # Before onnxruntime opens a FIFO, reads a sparse gigabyte, or follows a link out of the folder.
+            check_model_file(path, model_dir, self.max_model_bytes)
             runtime.load(self.options, state=_config_state(entry.config))
-            _check_config(entry.config, runtime)
-            _check_sequence_batching(entry.config, runtime)
+            check_config(entry.config, runtime)
+            check_sequence_batching(entry.config, runtime)
             failure = runtime.self_test()
             if failure:
                 raise ValueError(failure)
@@ -205,6 +227,28 @@ class Repository:
         config.parameters["execution_provider"].string_value = runtime.provider
 
 
+def _version_folders(name: str, model_dir: Path) -> tuple[dict[int, Path], list[str]]:
+    """The version folders by number, and the folders that look numbered but are ignored (as Triton does),
+    each with why: str.isdigit() takes digits int() reads differently or not at all ('²', '١')."""
+    folders: dict[int, Path] = {}
+    ignored: list[str] = []
+    for path in sorted(model_dir.iterdir()):
+        if not path.name.isdigit() or not path.is_dir():
+            continue
+        if not path.name.isascii():
+            why = "not ASCII digits"
+        elif int(path.name) > INT64_MAX:
+            why = f"above {INT64_MAX}, the largest version"
+        elif int(path.name) in folders:
+            why = f"version {int(path.name)} again, after {folders[int(path.name)].name!r}"
+        else:
+            folders[int(path.name)] = path
+            continue
+        ignored.append(f"{path.name!r} ({why})")
+        log.warning("version folder ignored", extra={"fields": {"model": name, "folder": path.name, "why": why}})
+    return folders, ignored
+
+
 def _select_versions(versions: list[int], config: mc.ModelConfig) -> list[int]:
     policy = config.version_policy
     choice = policy.WhichOneof("policy_choice")
@@ -219,64 +263,3 @@ def _config_state(config: mc.ModelConfig) -> list[StatePair]:
     if config.WhichOneof("scheduling_choice") != "sequence_batching":
         return []
     return [StatePair(s.input_name, s.output_name) for s in config.sequence_batching.state]
-
-
-def _check_config(config: mc.ModelConfig, runtime: ModelRuntime) -> None:
-    """config.pbtxt must name tensors the graph has, with the same datatypes."""
-    for declared, actual, kind in ((config.input, runtime.inputs, "input"), (config.output, runtime.outputs, "output")):
-        specs = {s.name: s for s in actual}
-        for tensor in declared:
-            if tensor.name not in specs:
-                raise ValueError(f"config.pbtxt {kind} '{tensor.name}': not in the model, expected one of "
-                                 f"{sorted(specs)}")
-            want = datatypes.datatype_of_config(mc.DataType.Name(tensor.data_type))
-            if tensor.data_type and want != specs[tensor.name].datatype:
-                raise ValueError(f"config.pbtxt {kind} '{tensor.name}': datatype {want}, but the model has "
-                                 f"{specs[tensor.name].datatype}")
-            graph = specs[tensor.name].shape[1 if config.max_batch_size > 0 else 0:]  # config dims omit batch
-            dims = list(tensor.dims)
-            if dims and (len(dims) != len(graph) or any(c >= 0 and g >= 0 and c != g for c, g in zip(dims, graph))):
-                raise ValueError(f"config.pbtxt {kind} '{tensor.name}': dims {dims}, but the model has "
-                                 f"{['?' if g < 0 else g for g in graph]}")
-
-
-def _check_sequence_batching(config: mc.ModelConfig, runtime: ModelRuntime) -> None:
-    """sequence_batching must describe what this server does with the graph, and what Triton would do."""
-    if config.WhichOneof("scheduling_choice") != "sequence_batching":
-        return
-    seq = config.sequence_batching
-    where = "config.pbtxt sequence_batching"
-    if seq.control_input:
-        raise ValueError(f"{where}.control_input: got {[c.name for c in seq.control_input]}, expected none: this "
-                         "server feeds no control tensors (sequence_start/end are request parameters)")
-    if seq.state and runtime.bidirectional:
-        raise ValueError(f"{where}.state: got {len(seq.state)} entries for a bidirectional model, expected none: "
-                         "its state cannot be carried from one chunk to the next (export --config-style stateless)")
-    for size in seq.oldest.preferred_batch_size:
-        if not 1 <= size <= config.max_batch_size:
-            raise ValueError(f"{where}.oldest.preferred_batch_size: got {size}, expected 1..{config.max_batch_size}")
-    specs = {"input": {s.name: s for s in runtime.inputs}, "output": {s.name: s for s in runtime.outputs}}
-    listed = {t.name for t in config.input}
-    skip = 1 if config.max_batch_size > 0 else 0
-    for state in seq.state:
-        want = datatypes.datatype_of_config(mc.DataType.Name(state.data_type))
-        for kind, name in (("input", state.input_name), ("output", state.output_name)):
-            spec = specs[kind][name]  # runtime.load checked the names
-            graph = list(spec.shape[skip:])
-            if want != spec.datatype or list(state.dims) != graph:
-                raise ValueError(f"{where}.state '{name}': datatype {want}, dims {list(state.dims)}, but the model "
-                                 f"has {spec.datatype}, {graph}")
-        if state.input_name in listed:
-            # Triton's onnxruntime backend would count it twice against the graph's inputs and refuse the model.
-            raise ValueError(f"{where}.state '{state.input_name}': also listed under input, expected only here")
-        if [i.WhichOneof("state_data") for i in state.initial_state] != ["zero_data"]:
-            # Without initial_state Triton starts a sequence from uninitialised memory; data_file is not read here.
-            raise ValueError(f"{where}.state '{state.input_name}': expected one initial_state with zero_data, got "
-                             f"{[i.WhichOneof('state_data') for i in state.initial_state]}")
-    pairs = [StatePair(s.input_name, s.output_name) for s in seq.state]
-    inputs, outputs = sorted(p.input for p in pairs), sorted(p.output for p in pairs)
-    if any(inputs.index(p.input) != outputs.index(p.output) for p in pairs):
-        # core sequence_state.cc SequenceStates::OutputState pairs them by sorted name (server issue 8586): this
-        # server would carry the state right where Triton, serving the same file, would not.
-        raise ValueError(f"{where}.state pairs {describe_pairs(pairs)}: the sort orders of input and output names "
-                         f"differ ({inputs} vs {outputs}), so Triton would feed outputs into the wrong inputs")

@@ -10,7 +10,7 @@ import numpy as np
 
 from lstm_onnx.contract import METADATA_KEY, parse_contract
 from lstm_onnx.protocol import datatypes
-from lstm_onnx.protocol.errors import Internal, InvalidArgument
+from lstm_onnx.protocol.errors import Internal, InvalidArgument, clip
 
 from .padding import RaggedPlan, add_sequence_lens
 
@@ -125,7 +125,7 @@ class ModelRuntime:
         for spec in self.inputs:
             if spec.name == name:
                 return spec
-        raise InvalidArgument(f"model '{self.name}' has no input '{name}', expected one of "
+        raise InvalidArgument(f"model '{self.name}' has no input '{clip(name)}', expected one of "
                               f"{[s.name for s in self.inputs]}")
 
     def check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
@@ -143,7 +143,8 @@ class ModelRuntime:
                                       "least 1 (an empty batch or time axis has nothing to compute)")
         missing = [s.name for s in self.inputs if s.name not in inputs and s.name not in self.state_inputs]
         if missing:
-            raise InvalidArgument(f"model '{self.name}': missing input(s) {missing}, got {sorted(inputs)}")
+            raise InvalidArgument(f"model '{self.name}': missing input(s) {missing}, got "
+                                  f"{[clip(n) for n in sorted(inputs)]}")
 
     def zero_state(self, name: str, batch: int) -> np.ndarray:
         """Zeros for an omitted state input, batch-major; the other axes must be fixed in the model."""

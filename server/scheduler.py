@@ -19,6 +19,7 @@ from lstm_onnx.protocol.errors import (
     ResourceExhausted,
     ServerError,
     Unavailable,
+    clip,
 )
 
 from .batcher import DynamicBatcher
@@ -133,7 +134,7 @@ class Scheduler:
         output_names = [s.name for s in runtime.outputs]
         for name in requested or []:
             if name not in output_names:
-                raise InvalidArgument(f"requested output '{name}': model '{runtime.name}' has outputs {output_names}")
+                raise InvalidArgument(f"requested output '{clip(name)}': model '{runtime.name}' has outputs {output_names}")
         runtime.check_inputs(inputs)
         rows = _batch_rows(inputs, max_batch_size, runtime.name)
         if sequence is not None and not runtime.state:

@@ -41,6 +41,8 @@ class ServerSettings:
     max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message in either direction, and "
                                       "largest REST request body; "
                                       "gRPC's 4 MiB default is too small for a batch of long sequences")
+    max_model_bytes: int = _setting(4 << 30, "largest model version: model.onnx plus its external data, checked "
+                                    "from the file sizes and declared lengths before anything is read")
     max_batch_size: int = _setting(8, "dynamic batching: most rows merged into one run, when config.pbtxt "
                                    "does not say (its max_batch_size wins)")
     max_queue_delay_us: int = _setting(500, "dynamic batching: longest wait for more requests while the model is "
@@ -106,7 +108,7 @@ class ServerSettings:
                              f"{self.tls_client_ca!r}; expected cert and key together (and a client CA only with them)")
         if self.request_timeout_s < 0:
             raise ValueError(f"request_timeout_s: got {self.request_timeout_s}, expected 0 (no limit) or more")
-        for name in ("executor_threads", "max_message_bytes", "max_batch_size", "max_sequences",
+        for name in ("executor_threads", "max_message_bytes", "max_model_bytes", "max_batch_size", "max_sequences",
                      "max_concurrent_streams", "workers", "http_max_connections", "http_max_header_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: got {getattr(self, name)}, expected at least 1")

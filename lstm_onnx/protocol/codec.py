@@ -9,7 +9,7 @@ import numpy as np
 from lstm_onnx.protos import grpc_service_pb2 as pb
 
 from . import datatypes
-from .errors import InvalidArgument
+from .errors import InvalidArgument, clip
 
 
 @dataclass(frozen=True)
@@ -42,16 +42,16 @@ def decode_request(request: pb.ModelInferRequest) -> tuple[dict[str, np.ndarray]
     inputs: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(request.inputs):
         if tensor.name in inputs:
-            raise InvalidArgument(f"input '{tensor.name}': given twice")
+            raise InvalidArgument(f"input '{clip(tensor.name)}': given twice")
         inputs[tensor.name] = _decode_tensor(tensor, raw[i] if raw else None)
     requested = [o.name for o in request.outputs]
     if len(set(requested)) != len(requested):
-        raise InvalidArgument(f"requested outputs {requested}: a name appears twice")
+        raise InvalidArgument(f"requested outputs {[clip(n) for n in requested]}: a name appears twice")
     return inputs, requested, decode_sequence(request.parameters)
 
 
 def _decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
-    name, datatype = tensor.name, tensor.datatype
+    name, datatype = clip(tensor.name), tensor.datatype  # name: for messages only
     try:
         dtype = datatypes.numpy_of(datatype)
     except ValueError as exc:
@@ -67,7 +67,7 @@ def _decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | N
         return _reshape(name, np.frombuffer(raw, dtype=dtype), shape)
     field = _CONTENTS_FIELD.get(datatype) if datatype != "FP16" else None
     if field is None:
-        raise InvalidArgument(f"input '{name}': datatype {datatype} cannot travel in typed contents, "
+        raise InvalidArgument(f"input '{name}': datatype {clip(datatype)} cannot travel in typed contents, "
                               "send it in raw_input_contents")
     values = getattr(tensor.contents, field)
     sent = [f for f in sorted(set(_CONTENTS_FIELD.values())) if f != field and getattr(tensor.contents, f)]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import clip
+
 # v2 datatype -> numpy dtype (little-endian, as on the wire).
 NUMPY_OF: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -56,7 +58,7 @@ def numpy_of(datatype: str) -> np.dtype:
     try:
         return NUMPY_OF[datatype]
     except KeyError:
-        raise ValueError(f"datatype {datatype!r} is not supported, expected one of {', '.join(NUMPY_OF)}") from None
+        raise ValueError(f"datatype {clip(datatype)!r} is not supported, expected one of {', '.join(NUMPY_OF)}") from None
 
 
 def datatype_of_numpy(dtype: np.dtype) -> str:

@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import grpc
 
+MAX_ECHO_CHARS = 256  # client text (a model, input or output name, a version) as an error quotes it
+# A gRPC status message travels in a header, percent-encoded (3 bytes for each byte outside printable ASCII); past
+# the peer's metadata limit (8 KiB soft, 16 KiB hard) the client sees RESOURCE_EXHAUSTED instead of the status.
+MAX_STATUS_BYTES = 4096
+
 
 class ServerError(Exception):
     """Base of every error a client can be told about; `code` is its gRPC status."""
@@ -59,9 +64,16 @@ class Internal(ServerError):
     code = grpc.StatusCode.INTERNAL
 
 
+def clip(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """Client-provided text as an error quotes it: at most `limit` characters, then an ellipsis and its length."""
+    return text if len(text) <= limit else f"{text[:limit]}\u2026 ({len(text)} chars)"
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status and one-line message for any exception (the single place errors become statuses)."""
+    """The gRPC status and one-line message for any exception (the single place errors become statuses); the
+    message fits MAX_STATUS_BYTES on the wire, whatever a client sent for it to quote."""
     if isinstance(exc, ServerError):
+<<<<<<< HEAD
         return exc.code, str(exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
@@ -83,3 +95,25 @@ def http_status_of(exc: BaseException) -> tuple[int, str]:
     """The HTTP status and the same one-line message as status_of gives gRPC."""
     code, message = status_of(exc)
     return HTTP_STATUS.get(code, 400), message
+=======
+        return exc.code, _fit(str(exc))
+    return grpc.StatusCode.INTERNAL, _fit(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _fit(message: str, budget: int = MAX_STATUS_BYTES) -> str:
+    """`message`, or its head and its length when it is longer than `budget` bytes percent-encoded."""
+    head = message[:budget + 1]  # every character is at least one byte on the wire
+    if len(head) == len(message) and _wire_bytes(head) <= budget:
+        return message
+    suffix = f"\u2026 ({len(message)} chars)"
+    room, used = budget - _wire_bytes(suffix), 0
+    for end, char in enumerate(head):
+        used += _wire_bytes(char)
+        if used > room:
+            return head[:end] + suffix
+    return head + suffix
+
+
+def _wire_bytes(text: str) -> int:
+    return sum(1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in text.encode("utf-8", "replace"))
+>>>>>>> hostile-repo
