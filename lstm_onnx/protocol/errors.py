@@ -73,29 +73,6 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status and one-line message for any exception (the single place errors become statuses); the
     message fits MAX_STATUS_BYTES on the wire, whatever a client sent for it to quote."""
     if isinstance(exc, ServerError):
-<<<<<<< HEAD
-        return exc.code, str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
-
-
-# gRPC status -> HTTP status, as Triton's http_server.cc maps its error codes (INTERNAL 500, NOT_FOUND 404,
-# UNAVAILABLE 503, UNIMPLEMENTED 501, the rest 400); the two codes Triton has no counterpart for take the
-# standard gRPC-to-HTTP mapping (RESOURCE_EXHAUSTED 429, DEADLINE_EXCEEDED 504).
-HTTP_STATUS: dict[grpc.StatusCode, int] = {
-    grpc.StatusCode.INTERNAL: 500,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
-
-
-def http_status_of(exc: BaseException) -> tuple[int, str]:
-    """The HTTP status and the same one-line message as status_of gives gRPC."""
-    code, message = status_of(exc)
-    return HTTP_STATUS.get(code, 400), message
-=======
         return exc.code, _fit(str(exc))
     return grpc.StatusCode.INTERNAL, _fit(f"internal error: {type(exc).__name__}: {exc}")
 
@@ -116,4 +93,22 @@ def _fit(message: str, budget: int = MAX_STATUS_BYTES) -> str:
 
 def _wire_bytes(text: str) -> int:
     return sum(1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in text.encode("utf-8", "replace"))
->>>>>>> hostile-repo
+
+
+# gRPC status -> HTTP status, as Triton's http_server.cc maps its error codes (INTERNAL 500, NOT_FOUND 404,
+# UNAVAILABLE 503, UNIMPLEMENTED 501, the rest 400); the two codes Triton has no counterpart for take the
+# standard gRPC-to-HTTP mapping (RESOURCE_EXHAUSTED 429, DEADLINE_EXCEEDED 504).
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def http_status_of(exc: BaseException) -> tuple[int, str]:
+    """The HTTP status and the same one-line message as status_of gives gRPC."""
+    code, message = status_of(exc)
+    return HTTP_STATUS.get(code, 400), message
