@@ -57,3 +57,96 @@ def measure(url: str, model: str, shape: str, levels: list[int], protocol: str =
         return {"error": f"measured concurrency {measured} of {wanted}: {last[0] if last else ''}", "rows": rows,
                 "argv": argv[1:]}
     return {"rows": rows, "argv": argv[1:]}
+
+
+BEGIN, END = "<!-- perf-analyzer:begin -->", "<!-- perf-analyzer:end -->"
+
+
+def run_standalone(work: Path, top: int = 64, seconds: float = 3.0, log=print) -> dict:
+    """Our server (perf_analyzer and our load generator, alternated) and MLServer (perf_analyzer), same model."""
+    import json as _json
+
+    from bench import mlserver
+    from bench.models import DEFAULT_MODEL, DEFAULT_TIME, build_repository
+    from bench.processes import start_model_server
+    from bench.rest import _uptime, grpc_levels
+
+    repo = build_repository(work / "default", {"lstm": DEFAULT_MODEL})
+    model_path = repo / "lstm" / "1" / "model.onnx"
+    shape = f"input:{DEFAULT_TIME},{DEFAULT_MODEL['input_size']}"
+    out: dict = {"uptime_start": _uptime(), "levels": [1, top], "shape": shape}
+    with start_model_server(repo) as server:
+        out["loadgen"] = grpc_levels(server.url, [1, top], seconds, model_path)
+        # Shared cores: perf_analyzer's default 10% stability between windows is rarely met here, so 100%.
+        out["ours"] = measure(server.url, "lstm", shape, [1, top], interval_ms=int(seconds * 1000),
+                              stability_percent=100)
+        log(f"perf_analyzer, ours: {out['ours']}")
+    exe = mlserver.ensure_venv(log)
+    if exe is None:
+        out["mlserver"] = {"error": f"MLServer {mlserver.VERSION} could not be installed in {mlserver.venv_dir()}"}
+    else:
+        with mlserver.serve_model(model_path, work, log=log) as ml:
+            out["mlserver"] = measure(ml.url, "lstm", shape, [1, top], interval_ms=int(seconds * 1000))
+            settings = _json.loads((work / "mlserver-lstm" / "settings.json").read_text())
+            out["mlserver"]["http"] = measure(f"127.0.0.1:{settings['http_port']}", "lstm", shape, [1],
+                                              protocol="http", interval_ms=int(seconds * 1000))
+        log(f"perf_analyzer, MLServer: {out['mlserver']}")
+    out["uptime_end"] = _uptime()
+    return out
+
+
+def section(figures: dict) -> str:
+    """The benchmark page's perf_analyzer section."""
+    lines = [BEGIN, "## perf_analyzer (Triton's load tool) against our server and MLServer", "",
+             f"Written by `python -m bench.perf_analyzer`: Triton's perf_analyzer (tritonclient wheel) over gRPC, "
+             f"`--shape {figures['shape']}`, batch 1, `-p` 3 s windows, stability 100% (the cores are shared), against our server, then our own load "
+             "generator on the same server process, then MLServer 1.7.1 on the same model file. Server columns are "
+             "what perf_analyzer read from ModelStatistics (µs per request).", "",
+             f"_Machine load (`uptime`): at the start `{figures['uptime_start']}`; at the end "
+             f"`{figures['uptime_end']}`._", "",
+             "| client | server | concurrency | req/s | p50 ms | p99 ms | queue µs | compute input µs | "
+             "compute infer µs | compute output µs |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def rows(client: str, server: str, result: dict) -> None:
+        if "error" in result:
+            lines.append(f"| {client} | {server} | - | - | - | - | - | - | - | {result['error']} |")
+        for r in result.get("rows", []):
+            lines.append(f"| {client} | {server} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.3f} | "
+                         f"{r['p99_ms']:.3f} | {r['server_queue_us']} | {r['server_input_us']} | "
+                         f"{r['server_infer_us']} | {r['server_output_us']} |")
+
+    rows("perf_analyzer (gRPC)", "ours", figures["ours"])
+    for r in figures["loadgen"]:
+        lines.append(f"| our load generator (gRPC) | ours | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.3f} "
+                     f"| {r['p99_ms']:.3f} | | | | |")
+    rows("perf_analyzer (gRPC)", "MLServer 1.7.1", figures["mlserver"])
+    if "http" in figures["mlserver"]:
+        rows("perf_analyzer (REST)", "MLServer 1.7.1", figures["mlserver"]["http"])
+    lines += ["", END, ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from bench.processes import ROOT
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "lstm-onnx-bench" / "full"))
+    parser.add_argument("--docs", default=str(ROOT / "docs"))
+    args = parser.parse_args(argv)
+    figures = run_standalone(Path(args.work))
+    page = Path(args.docs) / "benchmarks.md"
+    text = section(figures)
+    old = page.read_text() if page.exists() else "# Benchmarks\n"
+    if BEGIN in old and END in old:  # replace this section only
+        head, rest = old.split(BEGIN, 1)
+        page.write_text(head + text.rstrip("\n") + rest.split(END, 1)[1])
+    else:
+        page.write_text(old.rstrip("\n") + "\n\n" + text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
