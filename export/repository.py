@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lstm_onnx.contract import RECURRENT_OPS, WEIGHTS_FILE, encode_tensor, file_digest
+from lstm_onnx.contract import (
+    MAX_BATCH_SIZE,
+    MAX_QUEUE_DELAY_US,
+    MAX_SEQUENCE_IDLE_US,
+    RECURRENT_OPS,
+    WEIGHTS_FILE,
+    encode_tensor,
+    file_digest,
+)
 
 from .onnx_export import DEFAULT_OPSET, ExportError, export_onnx, set_contract
 from .parity import DEFAULT_ATOL, DEFAULT_FLOOR_FACTOR, DEFAULT_RTOL, make_sample, run_parity
@@ -49,18 +57,22 @@ class BatchingOptions:
 
     def check(self) -> None:
         """Raise ExportError naming the first value Triton would refuse at load."""
-        if self.max_batch_size < 1:
-            raise ExportError(f"max_batch_size: got {self.max_batch_size}, expected at least 1")
+        if not 1 <= self.max_batch_size <= MAX_BATCH_SIZE:
+            raise ExportError(f"max_batch_size: got {self.max_batch_size}, expected 1..{MAX_BATCH_SIZE}")
         for value in self.preferred_batch_size:
             # core model_config_utils.cc ValidateModelConfig: preferred sizes must be in 1..max_batch_size
             if not 1 <= value <= self.max_batch_size:
                 raise ExportError(f"preferred_batch_size: got {value}, expected 1..{self.max_batch_size} "
                                   "(max_batch_size)")
-        for name in ("max_queue_delay_us", "max_candidate_sequences"):
-            if getattr(self, name) < 0:
-                raise ExportError(f"{name}: got {getattr(self, name)}, expected 0 or more")
-        if self.max_sequence_idle_us < 1:
-            raise ExportError(f"max_sequence_idle_us: got {self.max_sequence_idle_us}, expected at least 1")
+        if not 0 <= self.max_queue_delay_us <= MAX_QUEUE_DELAY_US:
+            raise ExportError(f"max_queue_delay_us: got {self.max_queue_delay_us}, expected 0..{MAX_QUEUE_DELAY_US} "
+                              f"({MAX_QUEUE_DELAY_US // 1_000_000} s; the server refuses a longer wait)")
+        if not 0 <= self.max_candidate_sequences <= MAX_BATCH_SIZE:
+            raise ExportError(f"max_candidate_sequences: got {self.max_candidate_sequences}, expected "
+                              f"0..{MAX_BATCH_SIZE}")
+        if not 1 <= self.max_sequence_idle_us <= MAX_SEQUENCE_IDLE_US:
+            raise ExportError(f"max_sequence_idle_us: got {self.max_sequence_idle_us}, expected "
+                              f"1..{MAX_SEQUENCE_IDLE_US} (1 day)")
 
 
 def choose_config_style(contract: dict[str, Any], requested: str | None) -> str:

@@ -44,6 +44,11 @@ PYTORCH_GATE_ORDER: dict[str, tuple[str, ...]] = {
 CELL_OPS = {"lstm": "LSTM", "gru": "GRU"}
 
 # ONNX metadata_props entry that holds the export's contract JSON.
+# Ranges of the config.pbtxt values we write and read: export refuses to write what the server refuses to load.
+MAX_BATCH_SIZE = 1 << 16  # rows merged into one run; a request's own size is bounded by max_message_bytes
+MAX_QUEUE_DELAY_US = 10_000_000  # 10 s: a longer wait for a batch to fill outlasts the clients' deadlines
+MAX_SEQUENCE_IDLE_US = 86_400_000_000  # 1 day: past it a sequence is never forgotten, in practice
+
 METADATA_KEY = "lstm_onnx.contract"
 CONTRACT_FORMAT = "lstm-onnx/1"
 

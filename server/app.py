@@ -19,8 +19,8 @@ from lstm_onnx import protos
 from lstm_onnx.protos import grpc_service_pb2 as pb
 
 from . import tls
-from .http_site import HttpLimits, HttpSite, ssl_context
 from .handlers import add_inference_servicer
+from .http_site import HttpLimits, HttpSite, ssl_context
 from .metrics import Metrics, start_metrics_server
 from .repository import Repository
 from .rest import RestApi

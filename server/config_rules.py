@@ -7,6 +7,7 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
+from lstm_onnx.contract import MAX_BATCH_SIZE, MAX_QUEUE_DELAY_US, MAX_SEQUENCE_IDLE_US
 from lstm_onnx.protocol import datatypes
 from lstm_onnx.protos import model_config_pb2 as mc
 
@@ -18,9 +19,6 @@ BACKEND = "onnxruntime"
 DEFAULT_MODEL_FILENAME = "model.onnx"
 # Ranges of the values this server acts on; Triton has none, but past these a config is a mistake, not a choice.
 MAX_CONFIG_BYTES = 1 << 20  # Triton's configs are a few KiB
-MAX_BATCH_SIZE = 1 << 16  # rows merged into one run; a request's own size is bounded by max_message_bytes
-MAX_QUEUE_DELAY_US = 10_000_000  # 10 s: a longer wait for a batch to fill outlasts the clients' deadlines
-MAX_SEQUENCE_IDLE_US = 86_400_000_000  # 1 day: past it a sequence is never forgotten, in practice
 
 
 class ConfigError(ValueError):

@@ -170,3 +170,30 @@ def test_state_names_pair_the_same_way_sorted():
                                           "'cache_last_channel_len'"):
         check_state_pairing([("cache_last_channel", "cache_last_channel_next"),
                              ("cache_last_channel_len", "cache_last_channel_len_next")])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_batch_size", 1 << 17, "expected 1..65536"),
+    ("max_queue_delay_us", 2 ** 64 - 1, "expected 0..10000000"),
+    ("max_sequence_idle_us", 86_400_000_001, "expected 1..86400000000"),
+    ("max_candidate_sequences", 1 << 17, "expected 0..65536"),
+])
+def test_export_refuses_the_config_values_the_server_refuses(field, value, message):
+    """One range for both sides (lstm_onnx.contract): export never writes a config.pbtxt the server fails to load,
+    and the server's own check refuses that value too."""
+    from lstm_onnx.protos import model_config_pb2 as mc
+    from lstm_onnx.server.config_rules import ConfigError, check_ranges
+
+    with pytest.raises(ExportError, match=message):
+        BatchingOptions(**{field: value}).check()
+    if field == "max_candidate_sequences":
+        return  # read and not used by the server (docs/contract.md): only export bounds it
+    config = mc.ModelConfig(name="m", max_batch_size=8)
+    if field == "max_batch_size":
+        config.max_batch_size = value
+    elif field == "max_queue_delay_us":
+        config.dynamic_batching.max_queue_delay_microseconds = value
+    else:
+        config.sequence_batching.max_sequence_idle_microseconds = value
+    with pytest.raises(ConfigError, match=field.replace("_us", "_microseconds")):
+        check_ranges(config)
