@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lstm_onnx.contract import MAX_BATCH_SIZE, MAX_QUEUE_DELAY_US
+
 ENV_PREFIX = "LSTM_ONNX_"
 PROVIDERS = ("auto", "cpu", "cuda")
 LOG_FORMATS = ("kv", "json")
@@ -115,6 +117,9 @@ class ServerSettings:
         for name in ("intra_op_threads", "inter_op_threads", "max_queue_delay_us"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: got {getattr(self, name)}, expected 0 or more")
+        for name, top in (("max_batch_size", MAX_BATCH_SIZE), ("max_queue_delay_us", MAX_QUEUE_DELAY_US)):
+            if getattr(self, name) > top:  # the same ranges as a config.pbtxt value (lstm_onnx.contract)
+                raise ValueError(f"{name}: got {getattr(self, name)}, expected at most {top}")
         if self.http_client_timeout_s <= 0:
             raise ValueError(f"http_client_timeout_s: got {self.http_client_timeout_s}, expected more than 0")
         if self.sequence_idle_timeout_s <= 0 or self.grace_period_s < 0:

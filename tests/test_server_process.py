@@ -167,6 +167,11 @@ def test_settings_come_from_env_and_flags_override():
         load_settings(None, {"LSTM_ONNX_GRPC_PORT": "x", "LSTM_ONNX_MODEL_REPOSITORY": "/r"})
     with pytest.raises(ValueError, match="provider"):
         load_settings(None, {"LSTM_ONNX_PROVIDER": "tpu", "LSTM_ONNX_MODEL_REPOSITORY": "/r"})
+    # The server's own batching defaults have the same ranges as config.pbtxt's values.
+    with pytest.raises(ValueError, match="max_queue_delay_us: got 18446744073709551615, expected at most 10000000"):
+        load_settings(parser.parse_args(["--max-queue-delay-us", str(2 ** 64 - 1)]), {"LSTM_ONNX_MODEL_REPOSITORY": "/r"})
+    with pytest.raises(ValueError, match="max_batch_size: got 2147483647, expected at most 65536"):
+        load_settings(parser.parse_args(["--max-batch-size", "2147483647"]), {"LSTM_ONNX_MODEL_REPOSITORY": "/r"})
 
 
 def test_drain_answers_or_refuses_every_request_on_streams_that_keep_sending(tiny_repository, caplog):
