@@ -140,7 +140,7 @@ def test_default_binding_is_loopback_only(tiny_repository):
 
 
 def test_concurrent_streams_beyond_the_limit_are_refused(tiny_repository):
-    with _serve(tiny_repository, max_concurrent_streams=2) as srv, grpc.insecure_channel(srv.url) as channel:
+    with _serve(tiny_repository, max_concurrent_streams=2, max_streams_per_client=2) as srv, grpc.insecure_channel(srv.url) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         request = encode(MODEL, {"input": np.ones((1, 2, 1), np.float32)})
         release = threading.Event()
