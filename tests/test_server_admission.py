@@ -17,8 +17,8 @@ def _start(repo, **overrides):
     from lstm_onnx.server.app import BackgroundServer
     from lstm_onnx.server.settings import ServerSettings
 
-    return BackgroundServer(ServerSettings(model_repository=str(repo), grpc_port=0, http_port=-1, metrics_port=-1,
-                                           **overrides))
+    return BackgroundServer(ServerSettings(model_repository=str(repo), **{
+        "grpc_port": 0, "http_port": -1, "metrics_port": -1, **overrides}))
 
 
 def _request(model: str = MODEL, value: float = 0.5, sequence=None, junk_bytes: int = 0):
@@ -218,3 +218,29 @@ def test_string_sequence_ids_are_capped(tiny_repository):
                  grpc.StatusCode.INVALID_ARGUMENT)
     with pytest.raises(InvalidArgument, match="at most 256 bytes"):
         decode_sequence_json({"sequence_id": "s" * 257, "sequence_start": True})
+
+
+def test_rest_refuses_beyond_the_queue_limit_with_429_and_a_long_id_with_400(tiny_repository):
+    import httpx
+
+    def body(value: float = 0.5, **parameters) -> dict:
+        return {"inputs": [{"name": "input", "shape": [1, 2, 1], "datatype": "FP32", "data": [value, value]}],
+                "parameters": parameters}
+
+    with _start(tiny_repository, http_port=0, max_queued_requests_per_model=1) as srv, \
+            grpc.insecure_channel(srv.url) as channel, httpx.Client(timeout=30) as http:
+        url = f"http://{srv.http_url}/v2/models/{MODEL}/infer"
+        gate = _held(srv)
+        try:
+            waiting = _stub(channel).ModelInfer.future(_request(value=MARK), timeout=30)
+            _until(lambda: srv.running.scheduler.in_flight == 1, "one request held")
+            refused = http.post(url, json=body(MARK))
+            assert refused.status_code == 429, refused.text
+            assert "max_queued_requests_per_model" in refused.json()["error"]
+        finally:
+            gate.close()
+        assert waiting.result().outputs
+        assert http.post(url, json=body()).status_code == 200
+        long_id = http.post(url, json=body(sequence_id="s" * 300, sequence_start=True))
+        assert long_id.status_code == 400 and "at most 256 bytes" in long_id.json()["error"], long_id.text
+        assert http.post(url, json=body()).status_code == 200  # and it serves on
