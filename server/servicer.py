@@ -211,6 +211,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     # has started fails the whole call with INTERNAL 'Internal error from Core'.
                     read.add_done_callback(lambda t: t.cancelled() or t.exception())
                     if not closing.done():
+                        log.info("stream idle", extra={"fields": {"client": client.key, "answered": answered,
+                                                                  "idle_s": self.stream_idle_timeout_s}})
                         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                             f"stream idle: no request for {self.stream_idle_timeout_s:g} s after its "
                                             f"{answered} requests were answered (stream_idle_timeout_s); the stream "

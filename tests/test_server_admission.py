@@ -244,3 +244,23 @@ def test_rest_refuses_beyond_the_queue_limit_with_429_and_a_long_id_with_400(tin
         long_id = http.post(url, json=body(sequence_id="s" * 300, sequence_start=True))
         assert long_id.status_code == 400 and "at most 256 bytes" in long_id.json()["error"], long_id.text
         assert http.post(url, json=body()).status_code == 200  # and it serves on
+
+
+def test_a_client_is_its_certificate_identity_else_its_address():
+    from lstm_onnx.server.clients import client_of_grpc
+
+    class Context:
+        def __init__(self, peer, auth=None):
+            self._peer, self._auth = peer, auth or {}
+
+        def peer(self):
+            return self._peer
+
+        def auth_context(self):
+            return self._auth
+
+    assert client_of_grpc(Context("ipv4:10.1.2.3:50123")).key == "address 10.1.2.3"
+    assert client_of_grpc(Context("ipv6:[::1]:50123")).address == "::1"
+    authenticated = client_of_grpc(Context("ipv4:10.1.2.3:1", {"x509_common_name": [b"alice"]}))
+    assert (authenticated.identity, authenticated.key) == ("alice", "identity 'alice'")
+    assert client_of_grpc(None).identity == ""
