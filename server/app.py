@@ -25,7 +25,7 @@ from .metrics import Metrics, start_metrics_server
 from .repository import Repository
 from .rest import RestApi
 from .runtime import RuntimeOptions
-from .scheduler import Scheduler
+from .scheduler import AdmissionLimits, Scheduler
 from .sequences import SequenceStore
 from .servicer import InferenceServicer
 from .settings import ServerSettings
@@ -132,15 +132,19 @@ async def start_server(settings: ServerSettings, metrics: Metrics | None = None)
                for e in repository.models.values() for v in e.versions.values()):
             metrics.enable_gpu()
         sequences = SequenceStore(settings.max_sequences, settings.sequence_idle_timeout_s,
-                                  idle_timeouts=repository.sequence_idle_timeouts())
-        scheduler = Scheduler(repository, executor, metrics, sequences, settings.request_timeout_s)
+                                  idle_timeouts=repository.sequence_idle_timeouts(),
+                                  max_per_client=settings.sequences_per_client)
+        admission = AdmissionLimits(settings.max_queued_requests_per_model, settings.max_queued_requests,
+                                    settings.max_queued_bytes_per_model, settings.max_queued_bytes)
+        scheduler = Scheduler(repository, executor, metrics, sequences, settings.request_timeout_s, admission)
 
         limits = [("grpc.max_send_message_length", settings.max_message_bytes),
                   ("grpc.max_receive_message_length", settings.max_message_bytes)]
         # Workers share one port on purpose; a single server must not silently share its port with another.
         limits.append(("grpc.so_reuseport", 1 if settings.workers > 1 else 0))
         server = grpc.aio.server(options=limits)
-        servicer = InferenceServicer(repository, scheduler, settings.max_concurrent_streams)
+        servicer = InferenceServicer(repository, scheduler, settings.max_concurrent_streams,
+                                     settings.streams_per_client, settings.stream_idle_timeout_s)
         add_inference_servicer(servicer, server)  # undecodable requests: INVALID_ARGUMENT, not UNKNOWN
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -20,6 +20,7 @@ from lstm_onnx.protocol import rest_codec
 from lstm_onnx.protocol.errors import InvalidArgument, http_status_of
 from lstm_onnx.protos import grpc_service_pb2 as pb
 
+from .clients import client_of_http
 from .http_site import HttpLimits
 from .servicer import InferenceServicer
 
@@ -186,7 +187,8 @@ class RestApi:
         header = rest_codec.parse_header_length(request.headers.get(rest_codec.HEADER_LENGTH), len(body))
         decoded = rest_codec.decode_infer_request(body, header)
         result = await self.scheduler.infer(request.match_info["model"], request.match_info.get("version", ""),
-                                            decoded.inputs, decoded.requested, decoded.sequence)
+                                            decoded.inputs, decoded.requested, decoded.sequence,
+                                            client=client_of_http(request), request_bytes=len(body))
         payload, length = rest_codec.encode_infer_response(result.model, result.version, decoded.id,
                                                            result.outputs, decoded)
         if length is None:

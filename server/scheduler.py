@@ -5,7 +5,7 @@ import asyncio
 import math
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -16,6 +16,7 @@ from lstm_onnx.protocol.errors import (
     FailedPrecondition,
     Internal,
     InvalidArgument,
+    PermissionDenied,
     ResourceExhausted,
     ServerError,
     Unavailable,
@@ -23,6 +24,7 @@ from lstm_onnx.protocol.errors import (
 )
 
 from .batcher import DynamicBatcher
+from .clients import ANONYMOUS, Client
 from .metrics import CANCELED, Metrics
 from .repository import ModelVersion, Repository
 from .sequences import SequenceStore
@@ -40,12 +42,31 @@ class InferResult:
     sequence_previous_id: str = ""
 
 
+@dataclass
+class AdmissionLimits:
+    """Bounds on what the scheduler holds at once (waiting or running), per model and in total; 0: no bound."""
+
+    requests_per_model: int = 0
+    requests: int = 0
+    bytes_per_model: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class _Held:
+    requests: int = 0
+    bytes: int = 0
+    per_model: dict[str, list[int]] = field(default_factory=dict)  # model -> [requests, bytes]
+
+
 class Scheduler:
     """Entry point for every inference; knows nothing of protobuf."""
 
     def __init__(self, repository: Repository, executor: Executor, metrics: Metrics, sequences: SequenceStore,
-                 request_timeout_s: float = 0.0):
+                 request_timeout_s: float = 0.0, admission: AdmissionLimits | None = None):
         self.repository = repository
+        self.admission = admission or AdmissionLimits()
+        self._held = _Held()
         self.executor = executor
         self.metrics = metrics
         self.sequences = sequences
@@ -68,11 +89,14 @@ class Scheduler:
 
     async def infer(self, name: str, version: str, inputs: dict[str, np.ndarray], requested: list[str] | None,
                     sequence: SequenceControl | None = None, request_id: str = "",
-                    client_deadline_s: float | None = None) -> InferResult:
+                    client_deadline_s: float | None = None, client: Client = ANONYMOUS,
+                    request_bytes: int = 0) -> InferResult:
         """Run one request; raises a ServerError subclass for anything the client should hear about.
 
         `client_deadline_s`: the seconds the client's own deadline leaves (None: none); the request gives up at
         whichever of that and request_timeout_s comes first, so abandoned work leaves the queue at once.
+        `client`: who sent it (its share of the sequence slots, its sequences' owner). `request_bytes`: the
+        message as received, which the request holds until it is answered (admission counts it).
         """
         if self.draining:
             self.last_refused = time.monotonic()
@@ -82,12 +106,20 @@ class Scheduler:
         entry = self.repository.get(name)
         resolved = entry.resolve(version)
         labels = (name, str(resolved.version))
+        try:
+            self._admit(name, request_bytes)
+        except ResourceExhausted as exc:
+            self.metrics.record_request(*labels, ok=False, duration_ns=time.perf_counter_ns() - start,
+                                        reason=failure_reason(exc))
+            raise
+        held = self._held.per_model[name]
         self.in_flight += 1
         self.metrics.add_pending(*labels, 1)
         limits = [t for t in (self.request_timeout_s or None, client_deadline_s) if t is not None]
         try:
             deadline = asyncio.get_running_loop().time() + min(limits) if limits else math.inf
-            work = self._infer(entry.max_batch_size, resolved, inputs, requested, sequence, request_id, deadline)
+            work = self._infer(entry.max_batch_size, resolved, inputs, requested, sequence, request_id, deadline,
+                               client)
             if limits:
                 try:
                     # asyncio.timeout, not wait_for: wait_for wraps the work in a task of its own per request.
@@ -120,6 +152,10 @@ class Scheduler:
         finally:
             self.in_flight -= 1
             self.metrics.add_pending(*labels, -1)
+            held[0] -= 1
+            held[1] -= request_bytes
+            self._held.requests -= 1
+            self._held.bytes -= request_bytes
         outputs, timing, rows, turn = result
         self.metrics.record_request(*labels, ok=True, duration_ns=time.perf_counter_ns() - start,
                                     timing=timing, rows=rows)
@@ -127,9 +163,36 @@ class Scheduler:
             return InferResult(name, resolved.version, outputs)
         return InferResult(name, resolved.version, outputs, turn.step, turn.previous_id)
 
+    def _admit(self, name: str, request_bytes: int) -> None:
+        """Count the request in, or refuse it (RESOURCE_EXHAUSTED) naming the first bound it would pass."""
+        limits, held = self.admission, self._held
+        model = held.per_model.setdefault(name, [0, 0])
+        bounds = ((model[0] + 1, limits.requests_per_model, f"{model[0]} requests are held for model '{name}'",
+                   "max_queued_requests_per_model"),
+                  (held.requests + 1, limits.requests, f"{held.requests} requests are held over all models",
+                   "max_queued_requests"),
+                  (model[1] + request_bytes, limits.bytes_per_model,
+                   f"model '{name}' holds {model[1]} request bytes and this request has {request_bytes}",
+                   "max_queued_bytes_per_model"),
+                  (held.bytes + request_bytes, limits.bytes,
+                   f"all models hold {held.bytes} request bytes and this request has {request_bytes}",
+                   "max_queued_bytes"))
+        for wanted, limit, what, setting in bounds:
+            if limit and wanted > limit:
+                raise ResourceExhausted(f"{what} (waiting or running), the limit is {limit} ({setting}, per "
+                                        "worker); retry later, or send to another replica")
+        model[0] += 1
+        model[1] += request_bytes
+        held.requests += 1
+        held.bytes += request_bytes
+
+    def queued_bytes(self, name: str | None = None) -> int:
+        """Request bytes held (waiting or running), for one model or all."""
+        return self._held.bytes if name is None else self._held.per_model.get(name, [0, 0])[1]
+
     async def _infer(self, max_batch_size: int, resolved: ModelVersion, inputs: dict[str, np.ndarray],
                      requested: list[str] | None, sequence: SequenceControl | None, request_id: str,
-                     deadline: float):
+                     deadline: float, client: Client = ANONYMOUS):
         runtime = resolved.runtime
         output_names = [s.name for s in runtime.outputs]
         for name in requested or []:
@@ -150,7 +213,7 @@ class Scheduler:
             full = self._with_zero_state(runtime, inputs, rows)
             outputs, timing = await batcher.infer(full, rows)
             return {n: outputs[n] for n in names}, timing, rows, None
-        step = self.sequences.reserve(runtime.name, sequence, request_id)
+        step = self.sequences.reserve(runtime.name, sequence, request_id, client)
         try:
             turn = await self.sequences.turn(step)  # refusals resolve the step themselves
         except asyncio.CancelledError:
@@ -210,7 +273,7 @@ def failure_reason(exc: ServerError) -> str:
     take it: a bound, draining, or a sequence it cannot continue), OTHER (the request itself was wrong)."""
     if isinstance(exc, Internal):
         return "BACKEND"
-    if isinstance(exc, (ResourceExhausted, Unavailable, Aborted, FailedPrecondition)):
+    if isinstance(exc, (ResourceExhausted, Unavailable, Aborted, FailedPrecondition, PermissionDenied)):
         return "REJECTED"
     return "OTHER"
 

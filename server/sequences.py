@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lstm_onnx.protocol.codec import SequenceControl
-from lstm_onnx.protocol.errors import Aborted, FailedPrecondition, Internal, InvalidArgument, ResourceExhausted
+from lstm_onnx.protocol.errors import (
+    Aborted,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+)
+
+from .clients import ANONYMOUS, Client
 
 log = logging.getLogger("lstm_onnx.server")
 
@@ -39,6 +48,8 @@ class Sequence:
     ended: str = ""  # set by an applied sequence_end: which request ended it
     broken: str = ""  # why the log cannot go on (a step abandoned); cleared by the next sequence_start
     last_used: float = 0.0
+    owner: str = ""  # the certificate identity that started it ("" without mutual TLS: anyone may address it)
+    client: str = ""  # Client.key of its starter, whose share of the slots it takes
     abandoned_early: dict[int, str] = field(default_factory=dict)  # place -> reason, given up before its turn
     waiters: dict[int, asyncio.Future] = field(default_factory=dict)  # place -> woken when its turn comes
 
@@ -75,8 +86,9 @@ class SequenceStore:
     """
 
     def __init__(self, max_sequences: int, idle_timeout_s: float, clock: Callable[[], float] = time.monotonic,
-                 idle_timeouts: dict[str, float] | None = None):
+                 idle_timeouts: dict[str, float] | None = None, max_per_client: int = 0):
         self.max_sequences = max_sequences
+        self.max_per_client = max_per_client  # 0: no share, only max_sequences
         self.idle_timeout_s = idle_timeout_s
         self.idle_timeouts = dict(idle_timeouts or {})  # per model, from config.pbtxt; others use idle_timeout_s
         self._clock = clock
@@ -90,11 +102,16 @@ class SequenceStore:
         """Whether (model, sequence id) is held: live, or aborted and not yet idled out."""
         return key in self._live
 
-    def reserve(self, model: str, control: SequenceControl, request_id: str = "") -> Step:
-        """A place at the end of the sequence's log; refuses an id never started, and a new id beyond the limit."""
+    def reserve(self, model: str, control: SequenceControl, request_id: str = "", client: Client = ANONYMOUS) -> Step:
+        """A place at the end of the sequence's log; refuses an id never started, a new id beyond the limit or
+        the client's share, and a sequence another authenticated identity started."""
         self.evict_idle()
         key = (model, control.id)
         sequence = self._live.get(key)
+        if sequence is not None and sequence.owner and sequence.owner != client.identity:
+            raise PermissionDenied(f"sequence {control.id!r} for model '{model}': started by another client "
+                                   f"identity, so this one ({client.identity or 'unauthenticated'!r}) may not "
+                                   "continue, read or end it")
         if sequence is None:
             if not control.start:
                 raise InvalidArgument(f"sequence {control.id!r} for model '{model}': unknown (never started, ended, "
@@ -103,7 +120,12 @@ class SequenceStore:
                 raise ResourceExhausted(f"sequence {control.id!r}: {len(self)} sequences are live on this server "
                                         f"process, the limit is {self.max_sequences} (max_sequences, per worker); "
                                         "end or let some expire first")
-            sequence = self._live[key] = Sequence(key)
+            held = sum(1 for s in self._live.values() if s.client == client.key and (not s.broken or s.busy))
+            if self.max_per_client and held >= self.max_per_client:
+                raise ResourceExhausted(f"sequence {control.id!r}: this client ({client.key}) holds {held} sequences, "
+                                        f"its share is {self.max_per_client} (max_sequences_per_client, per worker); "
+                                        "end or let some expire first")
+            sequence = self._live[key] = Sequence(key, owner=client.identity, client=client.key)
         sequence.issued += 1
         sequence.last_used = self._clock()
         return Step(sequence, sequence.issued, control, request_id)

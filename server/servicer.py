@@ -13,6 +13,7 @@ from lstm_onnx.protocol.errors import status_of
 from lstm_onnx.protos import grpc_service_pb2 as pb
 from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
+from .clients import ANONYMOUS, Client, client_of_grpc
 from .repository import READY, Repository
 from .scheduler import Scheduler
 
@@ -47,11 +48,15 @@ def _status_on_error(method: Callable[..., Awaitable]) -> Callable[..., Awaitabl
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """KServe v2 with Triton's extensions over the repository and scheduler."""
 
-    def __init__(self, repository: Repository, scheduler: Scheduler, max_streams: int = 0):
+    def __init__(self, repository: Repository, scheduler: Scheduler, max_streams: int = 0,
+                 streams_per_client: int = 0, stream_idle_timeout_s: float = 0.0):
         self.repository = repository
         self.scheduler = scheduler
         self.max_streams = max_streams  # 0: no limit
+        self.streams_per_client = streams_per_client  # 0: no share, only max_streams
+        self.stream_idle_timeout_s = stream_idle_timeout_s  # 0: a stream may wait for its next request forever
         self.open_streams = 0
+        self._client_streams: dict[str, int] = {}  # Client.key -> streams it holds open
         self.closing = asyncio.Event()  # set on drain: every stream ends after answering the request it holds
         self.streams_closed = 0  # streams the drain ended (status UNAVAILABLE) rather than the client
 
@@ -145,13 +150,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_status_on_error
     async def ModelInfer(self, request, context):
-        return await self._infer(request, context.time_remaining())
+        return await self._infer(request, context.time_remaining(), client_of_grpc(context))
 
-    async def _infer(self, request: pb.ModelInferRequest, time_remaining: float | None = None
-                     ) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, time_remaining: float | None = None,
+                     client: Client = ANONYMOUS) -> pb.ModelInferResponse:
         inputs, requested, sequence = codec.decode_request(request)
         result = await self.scheduler.infer(request.model_name, request.model_version, inputs, requested, sequence,
-                                            request.id, time_remaining)
+                                            request.id, time_remaining, client, request.ByteSize())
         response = codec.encode_response(result.model, result.version, request.id, result.outputs)
         if result.sequence_step:
             codec.encode_sequence_step(response, result.sequence_step, result.sequence_previous_id)
@@ -163,19 +168,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"{self.open_streams} streams are open on this server process, the limit is "
                                 f"{self.max_streams} (max_concurrent_streams, per worker); close one or use ModelInfer")
+        client = client_of_grpc(context)
+        held = self._client_streams.get(client.key, 0)
+        if self.streams_per_client and held >= self.streams_per_client:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"this client ({client.key}) holds {held} open streams, its share is "
+                                f"{self.streams_per_client} (max_streams_per_client, per worker); close one or use "
+                                "ModelInfer")
         # Triton's opt-in: with header triton_grpc_error: true an error ends the stream with its real status.
         grpc_errors = dict(context.invocation_metadata() or ()).get("triton_grpc_error", "").lower() == "true"
         self.open_streams += 1
+        self._client_streams[client.key] = held + 1
         try:
-            async for response in self._stream(request_iterator, context):
+            async for response in self._stream(request_iterator, context, client):
                 if grpc_errors and response.error_message:
                     code = grpc.StatusCode[response.infer_response.parameters[STREAM_ERROR_CODE].string_param]
                     await context.abort(code, response.error_message)
                 yield response
         finally:
             self.open_streams -= 1
+            if self._client_streams[client.key] <= 1:
+                del self._client_streams[client.key]
+            else:
+                self._client_streams[client.key] -= 1
 
-    async def _stream(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    async def _stream(self, request_iterator, context, client: Client = ANONYMOUS
+                      ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         requests = aiter(request_iterator)
         answered = 0
         closing = asyncio.ensure_future(self.closing.wait())  # one waiter per stream, not per request
@@ -183,13 +201,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             while True:
                 # Race the next read against the drain, so a stream whose client keeps sending still ends: the
                 # request it holds is answered (or refused), and the rest are refused by the stream's status.
+                # The idle timeout too: a stream with no request for stream_idle_timeout_s gives its slot back.
                 read = asyncio.ensure_future(anext(requests))
                 if not closing.done():
-                    await asyncio.wait((read, closing), return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait((read, closing), timeout=self.stream_idle_timeout_s or None,
+                                       return_when=asyncio.FIRST_COMPLETED)
                 if not read.done():
                     # Leave the pending read to the call (it ends with it): cancelling a read that grpc core
                     # has started fails the whole call with INTERNAL 'Internal error from Core'.
                     read.add_done_callback(lambda t: t.cancelled() or t.exception())
+                    if not closing.done():
+                        log.info("stream idle", extra={"fields": {"client": client.key, "answered": answered,
+                                                                  "idle_s": self.stream_idle_timeout_s}})
+                        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                            f"stream idle: no request for {self.stream_idle_timeout_s:g} s after its "
+                                            f"{answered} requests were answered (stream_idle_timeout_s); the stream "
+                                            "is ended to free its slot, open a new one to go on")
                     self.streams_closed += 1
                     await context.abort(grpc.StatusCode.UNAVAILABLE,
                                         f"server is shutting down: this stream's {answered} requests were answered, "
@@ -200,7 +227,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     return
                 answered += 1
                 try:
-                    response = await self._infer(request)
+                    response = await self._infer(request, client=client)
                 except Exception as exc:
                     code, message = status_of(exc)
                     if code == grpc.StatusCode.INTERNAL:

@@ -55,11 +55,30 @@ class ServerSettings:
     max_sequences: int = _setting(1024, "most live sequences over all models in one server process (per worker "
                                   "with --workers: a connection's sequences live on its worker); a new one beyond "
                                   "it is refused")
+    max_sequences_per_client: int = _setting(0, "most live sequences one client may hold (a client: its TLS "
+                                             "certificate's identity, else its IP address), so one client cannot "
+                                             "hold every slot; 0 means a quarter of max_sequences (per worker)")
+    max_queued_requests_per_model: int = _setting(512, "most requests one model holds at once, waiting or running "
+                                                  "(per worker); one more is refused with RESOURCE_EXHAUSTED "
+                                                  "(REST 429), never queued without limit")
+    max_queued_requests: int = _setting(2048, "most requests held at once over all models, waiting or running "
+                                        "(per worker); one more is refused with RESOURCE_EXHAUSTED (REST 429)")
+    max_queued_bytes_per_model: int = _setting(256 << 20, "most request bytes (the whole message as received, "
+                                               "parameters included) one model holds at once, waiting or running "
+                                               "(per worker); one more is refused with RESOURCE_EXHAUSTED (REST 429)")
+    max_queued_bytes: int = _setting(1 << 30, "most request bytes held at once over all models, waiting or running "
+                                     "(per worker); one more is refused with RESOURCE_EXHAUSTED (REST 429)")
     request_timeout_s: float = _setting(60.0, "longest one request may spend in the server (queue and run) before it "
                                         "gets DEADLINE_EXCEEDED; 0 means no limit")
     max_concurrent_streams: int = _setting(256, "most ModelStreamInfer streams open at once in one server process "
                                            "(per worker with --workers: N workers take N times this); one more is "
                                            "refused with RESOURCE_EXHAUSTED")
+    max_streams_per_client: int = _setting(0, "most ModelStreamInfer streams one client may hold open (a client: "
+                                           "its TLS certificate's identity, else its IP address); 0 means a "
+                                           "quarter of max_concurrent_streams (per worker)")
+    stream_idle_timeout_s: float = _setting(60.0, "a ModelStreamInfer stream that sends no request for this long "
+                                            "(none of its requests running) is ended with DEADLINE_EXCEEDED, "
+                                            "freeing its slot; 0 means no limit")
     http_max_connections: int = _setting(1024, "most HTTP connections open at once on the REST port; one more is "
                                          "answered 503 and closed")
     http_max_header_bytes: int = _setting(8190, "longest HTTP request line or header field; a longer one is refused "
@@ -108,10 +127,19 @@ class ServerSettings:
         if bool(self.tls_cert) != bool(self.tls_key) or (self.tls_client_ca and not self.tls_cert):
             raise ValueError(f"tls: got cert {self.tls_cert!r}, key {self.tls_key!r}, client CA "
                              f"{self.tls_client_ca!r}; expected cert and key together (and a client CA only with them)")
+        if self.stream_idle_timeout_s < 0:
+            raise ValueError(f"stream_idle_timeout_s: got {self.stream_idle_timeout_s}, expected 0 (no limit) or more")
+        for name, total in (("max_sequences_per_client", "max_sequences"),
+                            ("max_streams_per_client", "max_concurrent_streams")):
+            if not 0 <= getattr(self, name) <= getattr(self, total):
+                raise ValueError(f"{name}: got {getattr(self, name)}, expected 0..{getattr(self, total)} "
+                                 f"({total}; 0 means a quarter of it)")
         if self.request_timeout_s < 0:
             raise ValueError(f"request_timeout_s: got {self.request_timeout_s}, expected 0 (no limit) or more")
         for name in ("executor_threads", "max_message_bytes", "max_model_bytes", "max_batch_size", "max_sequences",
-                     "max_concurrent_streams", "workers", "http_max_connections", "http_max_header_bytes"):
+                     "max_concurrent_streams", "workers", "http_max_connections", "http_max_header_bytes",
+                     "max_queued_requests_per_model", "max_queued_requests", "max_queued_bytes_per_model",
+                     "max_queued_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: got {getattr(self, name)}, expected at least 1")
         for name in ("intra_op_threads", "inter_op_threads", "max_queue_delay_us"):
@@ -126,6 +154,16 @@ class ServerSettings:
             raise ValueError("sequence_idle_timeout_s must be > 0 and grace_period_s >= 0, got "
                              f"{self.sequence_idle_timeout_s} and {self.grace_period_s}")
         return self
+
+    @property
+    def sequences_per_client(self) -> int:
+        """A client's share of the sequence slots: max_sequences_per_client, or a quarter of max_sequences."""
+        return self.max_sequences_per_client or max(1, self.max_sequences // 4)
+
+    @property
+    def streams_per_client(self) -> int:
+        """A client's share of the stream slots: max_streams_per_client, or a quarter of max_concurrent_streams."""
+        return self.max_streams_per_client or max(1, self.max_concurrent_streams // 4)
 
 
 def env_name(field_name: str) -> str:

@@ -47,13 +47,14 @@ def _write(path, cert, key) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    """A CA, a server certificate for 127.0.0.1, a client certificate it signed, and one a stranger signed."""
+    """A CA, a server certificate for 127.0.0.1, two client certificates it signed, and one a stranger signed."""
     root = tmp_path_factory.mktemp("pki")
     ca, ca_key = _issue("test CA", ca=True)
     stranger, stranger_key = _issue("stranger CA", ca=True)
     files = {"ca": _write(root / "ca", ca, ca_key)[0]}
     files["server"] = _write(root / "server", *_issue("127.0.0.1", ca, ca_key, server=True))
     files["client"] = _write(root / "client", *_issue("client", ca, ca_key))
+    files["other"] = _write(root / "other", *_issue("other client", ca, ca_key))  # a second identity, same CA
     files["rogue"] = _write(root / "rogue", *_issue("rogue", stranger, stranger_key))
     return files
 
@@ -62,8 +63,8 @@ def _serve(repository, **overrides):
     from lstm_onnx.server.app import BackgroundServer
     from lstm_onnx.server.settings import ServerSettings
 
-    return BackgroundServer(ServerSettings(model_repository=str(repository), grpc_port=0, metrics_port=-1, http_port=-1,
-                                           **overrides))
+    return BackgroundServer(ServerSettings(model_repository=str(repository), **{
+        "grpc_port": 0, "metrics_port": -1, "http_port": -1, **overrides}))
 
 
 def _infer(channel) -> np.ndarray:
@@ -140,7 +141,7 @@ def test_default_binding_is_loopback_only(tiny_repository):
 
 
 def test_concurrent_streams_beyond_the_limit_are_refused(tiny_repository):
-    with _serve(tiny_repository, max_concurrent_streams=2) as srv, grpc.insecure_channel(srv.url) as channel:
+    with _serve(tiny_repository, max_concurrent_streams=2, max_streams_per_client=2) as srv, grpc.insecure_channel(srv.url) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         request = encode(MODEL, {"input": np.ones((1, 2, 1), np.float32)})
         release = threading.Event()
@@ -181,3 +182,74 @@ def test_request_deadline_setting_answers_deadline_exceeded_and_ends_the_sequenc
 
 async def _noop() -> None:
     return None
+
+
+def _step(seq_id, start: bool = False, end: bool = False, outputs: list[str] | None = None):
+    from lstm_onnx.protocol.codec import SequenceControl, encode_request
+
+    return encode_request(MODEL, {"input": np.ones((1, 2, 1), np.float32)}, outputs=outputs,
+                          sequence=SequenceControl(seq_id, start, end))
+
+
+def _mutual(tiny_repository, pki, **overrides):
+    return _serve(tiny_repository, tls_cert=pki["server"][0], tls_key=pki["server"][1], tls_client_ca=pki["ca"],
+                  **overrides)
+
+
+def test_a_sequence_belongs_to_the_certificate_identity_that_started_it(tiny_repository, pki):
+    with _mutual(tiny_repository, pki) as srv, _secure(srv.url, pki, "client") as mine, \
+            _secure(srv.url, pki, "other") as theirs:
+        owner, stranger = pb_grpc.GRPCInferenceServiceStub(mine), pb_grpc.GRPCInferenceServiceStub(theirs)
+        owner.ModelInfer(_step("session-1", start=True), timeout=10)
+        for what in (_step("session-1"), _step("session-1", outputs=["hn"]), _step("session-1", end=True),
+                     _step("session-1", start=True)):
+            with pytest.raises(grpc.RpcError) as caught:
+                stranger.ModelInfer(what, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, caught.value.details()
+            assert "another client identity" in caught.value.details() and "'other client'" in caught.value.details()
+        stranger.ModelInfer(_step("session-2", start=True), timeout=10)  # its own ids are its own
+        response = owner.ModelInfer(_step("session-1", end=True), timeout=10)  # the owner's log was untouched
+        assert response.parameters["sequence_step"].int64_param == 2
+        sequence = srv.running.scheduler.sequences._live[(MODEL, "session-2")]
+        assert sequence.owner == "other client"
+
+
+def test_a_client_share_of_sequences_is_counted_per_certificate_identity(tiny_repository, pki):
+    with _mutual(tiny_repository, pki, max_sequences=8, max_sequences_per_client=1) as srv, \
+            _secure(srv.url, pki, "client") as mine, _secure(srv.url, pki, "other") as theirs:
+        first, second = pb_grpc.GRPCInferenceServiceStub(mine), pb_grpc.GRPCInferenceServiceStub(theirs)
+        first.ModelInfer(_step(1, start=True), timeout=10)
+        with pytest.raises(grpc.RpcError) as caught:
+            first.ModelInfer(_step(2, start=True), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_sequences_per_client" in caught.value.details()
+        second.ModelInfer(_step(2, start=True), timeout=10)  # same address, another identity: its own share
+
+
+def test_rest_refuses_another_identity_s_sequence_with_403(tiny_repository, pki):
+    import ssl
+
+    import httpx
+
+    def context(client: str):
+        c = ssl.create_default_context(cafile=pki["ca"])
+        c.load_cert_chain(*pki[client])
+        return c
+
+    def body(start: bool = False, end: bool = False) -> dict:
+        return {"inputs": [{"name": "input", "shape": [1, 2, 1], "datatype": "FP32", "data": [1.0, 1.0]}],
+                "parameters": {"sequence_id": "rest-1", "sequence_start": start, "sequence_end": end}}
+
+    with _mutual(tiny_repository, pki, http_port=0) as srv:
+        url = f"https://{srv.http_url}/v2/models/{MODEL}/infer"
+        with httpx.Client(verify=context("client"), timeout=30) as owner, \
+                httpx.Client(verify=context("other"), timeout=30) as stranger:
+            assert owner.post(url, json=body(start=True)).status_code == 200
+            refused = stranger.post(url, json=body(end=True))
+            assert refused.status_code == 403 and "another client identity" in refused.json()["error"], refused.text
+            with _secure(srv.url, pki, "other") as channel, pytest.raises(grpc.RpcError) as caught:
+                pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_step("rest-1"), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED  # the same owner over either protocol
+            with _secure(srv.url, pki, "client") as channel:
+                pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_step("rest-1"), timeout=10)
+            assert owner.post(url, json=body(end=True)).status_code == 200

@@ -102,7 +102,7 @@ def test_idle_sequences_are_evicted_and_live_ones_bounded(tiny_run_dir, tmp_path
     # A stateless config gives no idle timeout, so the server's setting applies (sequence_batching's would win).
     export_to_repository(tiny_run_dir, tmp_path, name="tiny_lstm", config_style="stateless")
     x = sample_input(1, 3)
-    with _start(tmp_path, sequence_idle_timeout_s=0.3, max_sequences=2) as srv:
+    with _start(tmp_path, sequence_idle_timeout_s=0.3, max_sequences=2, max_sequences_per_client=2) as srv:
         with InferenceClient(srv.url) as client:
             client.infer("tiny_lstm", {"input": x}, sequence=SequenceControl(1, start=True))
             client.infer("tiny_lstm", {"input": x}, sequence=SequenceControl(2, start=True))

@@ -21,6 +21,20 @@ class SequenceControl:
     end: bool = False
 
 
+# Longest string sequence_id, in UTF-8 bytes: a live sequence keeps its id, so an uncapped one is memory any client
+# can take (a 128-bit id in hex or a UUID is 32-36 bytes; 256 leaves room for prefixes).
+MAX_SEQUENCE_ID_BYTES = 256
+
+
+def check_sequence_id(seq_id: str, where: str) -> str:
+    """A string sequence id within MAX_SEQUENCE_ID_BYTES, or InvalidArgument naming the limit."""
+    size = len(seq_id.encode("utf-8", "surrogatepass"))
+    if size > MAX_SEQUENCE_ID_BYTES:
+        raise InvalidArgument(f"{where}: got a string of {size} bytes, expected at most {MAX_SEQUENCE_ID_BYTES} bytes "
+                              "(MAX_SEQUENCE_ID_BYTES, UTF-8); use a shorter id, such as a UUID")
+    return seq_id
+
+
 # Which typed-contents field carries each datatype (KServe v2).
 _CONTENTS_FIELD = {
     "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
@@ -103,6 +117,7 @@ def decode_sequence(parameters) -> SequenceControl | None:
         seq_id = param.string_param
         if not seq_id:
             return None
+        check_sequence_id(seq_id, "parameter 'sequence_id'")
     else:
         raise InvalidArgument(f"parameter 'sequence_id': got {kind}, expected int64_param or string_param")
     return SequenceControl(seq_id, _bool_param(parameters, "sequence_start"), _bool_param(parameters, "sequence_end"))

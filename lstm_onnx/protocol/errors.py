@@ -34,9 +34,15 @@ class Unavailable(ServerError):
 
 
 class ResourceExhausted(ServerError):
-    """A bounded resource is full (live sequences)."""
+    """A bounded resource is full (live sequences, queued requests or bytes, a client's share, streams)."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class PermissionDenied(ServerError):
+    """The authenticated client may not address this object (a sequence another identity started)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class FailedPrecondition(ServerError):
@@ -96,8 +102,8 @@ def _wire_bytes(text: str) -> int:
 
 
 # gRPC status -> HTTP status, as Triton's http_server.cc maps its error codes (INTERNAL 500, NOT_FOUND 404,
-# UNAVAILABLE 503, UNIMPLEMENTED 501, the rest 400); the two codes Triton has no counterpart for take the
-# standard gRPC-to-HTTP mapping (RESOURCE_EXHAUSTED 429, DEADLINE_EXCEEDED 504).
+# UNAVAILABLE 503, UNIMPLEMENTED 501, the rest 400); the codes Triton has no counterpart for take the
+# standard gRPC-to-HTTP mapping (RESOURCE_EXHAUSTED 429, DEADLINE_EXCEEDED 504, PERMISSION_DENIED 403).
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INTERNAL: 500,
     grpc.StatusCode.NOT_FOUND: 404,
@@ -105,6 +111,7 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.UNIMPLEMENTED: 501,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
 }
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import orjson
 
 from . import datatypes
-from .codec import SequenceControl
+from .codec import SequenceControl, check_sequence_id
 from .errors import InvalidArgument
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -232,6 +232,7 @@ def decode_sequence_json(parameters: dict) -> SequenceControl | None:
     elif isinstance(seq_id, str):
         if not seq_id:
             return None
+        check_sequence_id(seq_id, "parameters.sequence_id")
     else:
         raise InvalidArgument(f"parameters.sequence_id: got {_kind(seq_id)}, expected an integer or a string")
     return SequenceControl(seq_id, start, end)
