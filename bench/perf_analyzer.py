@@ -51,6 +51,7 @@ def measure(url: str, model: str, shape: str, levels: list[int], protocol: str =
                      "server_queue_us": int(r["Server Queue"]), "server_input_us": int(r["Server Compute Input"]),
                      "server_infer_us": int(r["Server Compute Infer"]),
                      "server_output_us": int(r["Server Compute Output"])} for r in csv.DictReader(f)]
+    rows.sort(key=lambda r: r["concurrency"])  # its CSV is ordered by throughput, not by level
     wanted = sorted({levels[0], levels[-1]})
     if sorted(r["concurrency"] for r in rows) != wanted:  # it stops at the first level it cannot stabilise
         measured = sorted(r["concurrency"] for r in rows)
