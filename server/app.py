@@ -19,8 +19,8 @@ from lstm_onnx import protos
 from lstm_onnx.protos import grpc_service_pb2 as pb
 
 from . import tls
-from .http_site import HttpLimits, HttpSite, ssl_context
 from .handlers import add_inference_servicer
+from .http_site import HttpLimits, HttpSite, ssl_context
 from .metrics import Metrics, start_metrics_server
 from .repository import Repository
 from .rest import RestApi
@@ -117,7 +117,9 @@ async def start_server(settings: ServerSettings, metrics: Metrics | None = None)
     server = http_server = metrics_server = metrics_port = None
     try:
         options = RuntimeOptions(settings.provider, settings.intra_op_threads, settings.inter_op_threads,
-                                 spinning=settings.intra_op_spinning == "on")
+                                 spinning=settings.intra_op_spinning == "on",
+                                 max_run_memory_bytes=settings.max_run_memory_bytes,
+                                 cpu_memory_arena=settings.cpu_memory_arena == "on")
         repository = Repository(Path(settings.model_repository), options, settings.max_batch_size,
                                 settings.max_queue_delay_us, settings.max_model_bytes)
         repository.strict_readiness = settings.strict_readiness == "true"
