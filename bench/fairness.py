@@ -52,28 +52,33 @@ def _summary(ms: list[float]) -> dict:
     return {"n": len(ms), "p50_ms": statistics.median(ms), "p99_ms": ordered[min(len(ms) - 1, int(0.99 * len(ms)))]}
 
 
-def measure_fairness(url: str, long_steps: int, seconds: float) -> dict:
-    idle = _summary(_latencies(url, 10, seconds, 5000))
-    stop, long_runs = threading.Event(), []
+def measure_fairness(url: str, long_steps: int, seconds: float, rounds: int) -> dict:
+    """Idle and loaded windows alternated `rounds` times (the machine's load drifts; alternating shares it out),
+    latencies pooled per phase."""
+    idle_ms, loaded_ms, long_runs = [], [], []
+    x = np.random.default_rng(1).standard_normal((1, long_steps, 1)).astype(np.float32)
+    for _ in range(rounds):
+        idle_ms += _latencies(url, 10, seconds, 5000)
+        stop = threading.Event()
 
-    def hammer():
-        x = np.random.default_rng(1).standard_normal((1, long_steps, 1)).astype(np.float32)
-        with InferenceClient(url, timeout_s=300) as client:
-            while not stop.is_set():
-                t = time.perf_counter()
-                client.infer("lstm", {"input": x})
-                long_runs.append(time.perf_counter() - t)
+        def hammer():
+            with InferenceClient(url, timeout_s=300) as client:
+                while not stop.is_set():
+                    t = time.perf_counter()
+                    client.infer("lstm", {"input": x})
+                    long_runs.append(time.perf_counter() - t)
 
-    thread = threading.Thread(target=hammer, daemon=True)
-    thread.start()
-    time.sleep(0.5)  # the long client's first request is in the model
-    try:
-        loaded = _summary(_latencies(url, 10, seconds, 5000))
-    finally:
-        stop.set()
-        thread.join(300)
-    return {"long_steps": long_steps, "idle": idle, "loaded": loaded, "long_requests": len(long_runs),
-            "long_s_mean": statistics.mean(long_runs) if long_runs else None,
+        thread = threading.Thread(target=hammer, daemon=True)
+        thread.start()
+        time.sleep(0.5)  # the long client's first request is in the model
+        try:
+            loaded_ms += _latencies(url, 10, seconds, 5000)
+        finally:
+            stop.set()
+            thread.join(300)  # its last long request ends before the next idle window
+    idle, loaded = _summary(idle_ms), _summary(loaded_ms)
+    return {"long_steps": long_steps, "rounds": rounds, "idle": idle, "loaded": loaded,
+            "long_requests": len(long_runs), "long_s_mean": statistics.mean(long_runs) if long_runs else None,
             "p99_ratio": loaded["p99_ms"] / idle["p99_ms"], "p50_ratio": loaded["p50_ms"] / idle["p50_ms"]}
 
 
@@ -124,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict = {"uptime": os.popen("uptime").read().strip(), "baseline": args.baseline, "model": MODEL}
     with start_model_server(repo) as server:
         if "fairness" in only:
-            figures["fairness"] = measure_fairness(server.url, 50_000 if args.quick else 500_000, seconds)
+            figures["fairness"] = measure_fairness(server.url, 50_000 if args.quick else 500_000, seconds / 2,
+                                                   1 if args.quick else 3)
             print(json.dumps({"fairness": figures["fairness"]}), file=sys.stderr)
         if "ragged" in only:
             figures["ragged"] = measure_ragged(server.url, model_path, seconds, requests)
