@@ -138,6 +138,11 @@ class ModelRuntime:
         if graph is not None and features > 0:
             self.run_memory = read_run_memory(graph, features)
 
+    def steps_of(self, inputs: dict[str, np.ndarray]) -> int:
+        """T of a request: the time input's axis 1 (0 when the model has no time input or the request lacks it)."""
+        x = inputs.get(self.time_input) if self.time_input else None
+        return x.shape[1] if x is not None and x.ndim == 3 else 0
+
     def check_run_memory(self, rows: int, steps: int) -> None:
         """Raise ResourceExhausted when a run of `rows` rows and `steps` steps cannot fit the budget alone."""
         if self.run_memory is None or not self.max_run_memory_bytes:
@@ -150,9 +155,9 @@ class ModelRuntime:
                 f"no time axis fits at batch {rows}; send fewer rows")
         raise ResourceExhausted(
             f"model '{self.name}': input '{self.time_input}' of batch {rows} and time {steps} needs an estimated "
-            f"{format_bytes(need)} in one run, above the run memory budget of "
-            f"{format_bytes(self.max_run_memory_bytes)} (--max-run-memory-bytes); {fits} (send a sequence "
-            "in chunks with sequence_id to go longer)")
+            f"{format_bytes(need)} ({need} bytes) in one run, above the run memory budget of "
+            f"{format_bytes(self.max_run_memory_bytes)} ({self.max_run_memory_bytes} bytes, --max-run-memory-bytes); "
+            f"{fits} (send a sequence in chunks with sequence_id to go longer)")
 
     @property
     def state_inputs(self) -> set[str]:
@@ -218,9 +223,10 @@ class ModelRuntime:
 
     def _release_after(self, inputs: dict[str, np.ndarray]) -> None:
         """After a large run, give its freed memory back to the OS, so one big request does not leave its peak."""
-        x = inputs.get(self.time_input) if self.time_input else None
-        if self.run_memory is not None and x is not None and x.ndim == 3:
-            if self.run_memory.estimate(x.shape[0], x.shape[1]) > RELEASE_BYTES:
+        steps = self.steps_of(inputs)
+        if self.run_memory is not None and steps:
+            rows = inputs[self.time_input].shape[0]
+            if self.run_memory.estimate(rows, steps) > RELEASE_BYTES:
                 release_free_memory()
 
     def self_test(self) -> str | None:

@@ -80,7 +80,7 @@ def test_request_above_the_run_memory_budget_is_refused_with_the_largest_t_that_
             assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             message = str(refused.value)
             assert "input 'input' of batch 64 and time" in message and "needs an estimated" in message
-            assert "budget of 67.1 MB (--max-run-memory-bytes)" in message
+            assert "budget of 67.1 MB (67108864 bytes, --max-run-memory-bytes)" in message
             assert f"at batch 64 the longest time axis that fits is {longest}" in message
             answer = client.infer("tiny_lstm", {"input": np.zeros((64, longest, 1), np.float32)})
             assert answer["output"].shape[0] == 64
@@ -194,3 +194,40 @@ def test_run_memory_settings_are_checked():
         ServerSettings(model_repository="r", max_run_memory_bytes=0).validate()
     with pytest.raises(ValueError, match="cpu_memory_arena: got 'yes', expected off or on"):
         ServerSettings(model_repository="r", cpu_memory_arena="yes").validate()
+
+
+def test_sequence_chunk_above_the_budget_is_refused_and_the_sequence_goes_on(tiny_repository):
+    import grpc
+
+    from lstm_onnx.client.client import ClientError, InferenceClient
+    from lstm_onnx.protocol.codec import SequenceControl
+    from lstm_onnx.server.app import BackgroundServer
+    from lstm_onnx.server.settings import ServerSettings
+
+    budget = 32 << 20
+    settings = ServerSettings(model_repository=str(tiny_repository), grpc_port=0, metrics_port=-1, http_port=-1,
+                              max_run_memory_bytes=budget)
+    x = sample_input(1, 12, seed=3)
+    with BackgroundServer(settings) as srv, InferenceClient(srv.url) as client:
+        runtime = srv.running.repository.resolve("tiny_lstm").runtime
+        too_long = np.zeros((1, runtime.run_memory.max_steps(1, budget) + 1, 1), np.float32)
+        client.infer("tiny_lstm", {"input": x[:, :5]}, sequence=SequenceControl(7, True, False))
+        with pytest.raises(ClientError) as refused:
+            client.infer("tiny_lstm", {"input": too_long}, sequence=SequenceControl(7, False, False))
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # The refused chunk was never a step: the sequence continues from the first chunk's state.
+        last = client.infer("tiny_lstm", {"input": x[:, 5:]}, sequence=SequenceControl(7, False, True))
+        whole = client.infer("tiny_lstm", {"input": x})
+    np.testing.assert_allclose(last["output"], whole["output"], atol=1e-5, rtol=0)
+
+
+def test_run_memory_refusal_says_when_no_length_fits_the_batch(tiny_repository):
+    from lstm_onnx.protocol.errors import ResourceExhausted
+    from lstm_onnx.server.memory import FIXED_BYTES
+    from lstm_onnx.server.runtime import ModelRuntime, RuntimeOptions
+
+    runtime = ModelRuntime("tiny_lstm", 1, tiny_repository / "tiny_lstm" / "1" / "model.onnx")
+    runtime.load(RuntimeOptions(provider="cpu", max_run_memory_bytes=FIXED_BYTES + 1000))
+    runtime.check_run_memory(1, 1)
+    with pytest.raises(ResourceExhausted, match="no time axis fits at batch 64; send fewer rows"):
+        runtime.check_run_memory(64, 1)
