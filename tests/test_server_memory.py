@@ -54,9 +54,11 @@ def test_rss_returns_after_a_run_near_the_budget(tiny_repository):
     runtime = ModelRuntime("tiny_lstm", 1, path)
     options = RuntimeOptions(provider="cpu")
     runtime.load(options)
-    steps = runtime.run_memory.max_steps(64, int(0.9 * options.max_run_memory_bytes))
+    budget = getattr(options, "max_run_memory_bytes", 1 << 30)
+    memory = getattr(runtime, "run_memory", None)  # code without an estimate: the same ~0.9 GiB run
+    steps = memory.max_steps(64, int(0.9 * budget)) if memory else 77_000
     big, small = _probe(path, [(64, steps), (1, 10)])
-    assert big["peak"] - big["before"] > 0.5 * options.max_run_memory_bytes, "the run was not near the budget"
+    assert big["peak"] - big["before"] > 0.5 * budget, "the run was not near the budget"
     assert small["after"] <= 1.2 * big["before"], (
         f"RSS {big['before']} before a [64, {steps}] run, {small['after']} after it (peak {big['peak']})")
 
