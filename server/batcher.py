@@ -101,7 +101,8 @@ class DynamicBatcher:
     """Queues requests for one model version in two lanes, short (T <= LONG_STEPS) and long, each running merged
     batches one run at a time; the lanes run side by side, so a short request waits for short runs only.
 
-    Before a request queues, its run alone is checked against the model's memory budget (ResourceExhausted).
+    The scheduler has checked each request's run alone against the model's memory budget
+    (ModelRuntime.check_run_memory); the lanes keep merged runs within it.
     """
 
     def __init__(self, runtime: ModelRuntime, executor: Executor, metrics: Metrics, max_batch_size: int,
@@ -118,9 +119,6 @@ class DynamicBatcher:
     async def infer(self, inputs: Inputs, rows: int) -> tuple[Inputs, Timing]:
         """All outputs for these inputs, and where the request's time went."""
         steps = _steps(inputs, self._time_input)
-        check = getattr(self.runtime, "check_run_memory", None)
-        if check is not None:
-            check(rows, steps)
         lane = self.long if steps > LONG_STEPS else self.short
         return await lane.infer(inputs, rows, steps)
 
@@ -244,7 +242,7 @@ class Lane:
         taken, kept = [], []
         for item in self._queue:
             if ((key is None or item.key == key) and rows + item.rows <= self.max_batch_size
-                    and (not batch and not taken or self._fits(rows + item.rows, max(steps, item.steps)))):
+                    and ((not batch and not taken) or self._fits(rows + item.rows, max(steps, item.steps)))):
                 key = item.key
                 taken.append(item)
                 rows += item.rows
