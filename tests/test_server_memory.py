@@ -71,7 +71,7 @@ def test_request_above_the_run_memory_budget_is_refused_with_the_largest_t_that_
     from lstm_onnx.server.settings import ServerSettings
 
     budget = 64 << 20
-    settings = ServerSettings(model_repository=str(tiny_repository), grpc_port=0, metrics_port=-1, http_port=-1,
+    settings = ServerSettings(model_repository=str(tiny_repository), grpc_port=0, metrics_port=-1, http_port=0,
                               max_run_memory_bytes=budget)
     with BackgroundServer(settings) as srv:
         runtime = srv.running.repository.resolve("tiny_lstm").runtime
@@ -86,6 +86,13 @@ def test_request_above_the_run_memory_budget_is_refused_with_the_largest_t_that_
             assert f"at batch 64 the longest time axis that fits is {longest}" in message
             answer = client.infer("tiny_lstm", {"input": np.zeros((64, longest, 1), np.float32)})
             assert answer["output"].shape[0] == 64
+        # REST: the same refusal, as 429 with the same text.
+        import httpx
+
+        steps = runtime.run_memory.max_steps(1, budget) + 1
+        body = {"inputs": [{"name": "input", "shape": [1, steps, 1], "datatype": "FP32", "data": [0.0] * steps}]}
+        reply = httpx.post(f"http://{srv.http_url}/v2/models/tiny_lstm/infer", json=body, timeout=60)
+        assert reply.status_code == 429 and "--max-run-memory-bytes" in reply.json()["error"], reply.text[:300]
 
 
 class Recorder:
