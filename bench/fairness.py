@@ -4,6 +4,7 @@
   (ratio p99 loaded / p99 idle, same run);
 - memory: server RSS idle, after one long request, after a run near the budget;
 - arena: c1 p50 of [1, 50, F] with onnxruntime's CPU arena on and off (two servers, alternated);
+- mixed: one long request running, then [1, 100000, F] and 31 x [1, 10, F] at once (the issue's finding);
 - ragged: c8/c1 req/s for mixed lengths 10..50 and for equal length 30, as in bench/suite.py.
 
 --baseline runs what the code before the budget supports (no new flags) for the before/after tables.
@@ -82,6 +83,44 @@ def measure_fairness(url: str, long_steps: int, seconds: float, rounds: int) -> 
             "p99_ratio": loaded["p99_ms"] / idle["p99_ms"], "p50_ratio": loaded["p50_ms"] / idle["p50_ms"]}
 
 
+def measure_mixed(server, url: str, long_steps: int, short: int) -> dict:
+    """The issue's case: a long request keeps the model busy, then another long one and `short` [1, 10, 1]
+    requests arrive together; each short one's latency, and the server's peak RSS (VmHWM)."""
+    import asyncio
+
+    from lstm_onnx.protocol.codec import encode_request
+    from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
+
+    rng = np.random.default_rng(2)
+    longs = [encode_request("lstm", {"input": rng.standard_normal((1, long_steps, 1)).astype(np.float32)})
+             for _ in range(2)]
+    shorts = [encode_request("lstm", {"input": rng.standard_normal((1, 10, 1)).astype(np.float32)})
+              for _ in range(short)]
+
+    async def go():
+        async with loadgen.open_channel(url) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+            async def timed(request):
+                t = time.perf_counter()
+                await stub.ModelInfer(request, timeout=300)
+                return (time.perf_counter() - t) * 1e3
+
+            busy = asyncio.ensure_future(timed(longs[0]))
+            await asyncio.sleep(0.05)  # the first long request is running
+            results = await asyncio.gather(*(timed(r) for r in [longs[1], *shorts]))
+            return await busy, results
+
+    rss_before = server.rss_mb()
+    first, results = asyncio.run(go())
+    status = Path(f"/proc/{server.process.pid}/status").read_text()
+    peak = next(int(line.split()[1]) * 1024 / 1e6 for line in status.splitlines() if line.startswith("VmHWM:"))
+    short_ms = results[1:]
+    return {"long_steps": long_steps, "short_requests": short, "rss_before_mb": rss_before, "peak_rss_mb": peak,
+            "rss_after_mb": server.rss_mb(), "long_ms": [first, results[0]],
+            "short_p50_ms": statistics.median(short_ms), "short_max_ms": max(short_ms)}
+
+
 def measure_memory(server, url: str, rows: int, steps: int) -> dict:
     """RSS idle, then after one [rows, steps, 1] request: its peak stays (arena) or comes back."""
     before = server.rss_mb()
@@ -119,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short levels and a 50k-step long request")
     parser.add_argument("--baseline", action="store_true", help="no new flags: the code before the budget")
-    parser.add_argument("--only", default="fairness,memory,arena,ragged", help="comma-separated sections")
+    parser.add_argument("--only", default="fairness,mixed,memory,arena,ragged", help="comma-separated sections")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "lstm-onnx-bench" / "fairness"))
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
@@ -134,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"fairness": figures["fairness"]}), file=sys.stderr)
         if "ragged" in only:
             figures["ragged"] = measure_ragged(server.url, model_path, seconds, requests)
+    if "mixed" in only:
+        with start_model_server(repo) as server:
+            figures["mixed"] = measure_mixed(server, server.url, 100_000, 31)
     if "memory" in only:
         for rows, steps in ((1, 500_000), (64, 20_000), (64, 50_000)):
             with start_model_server(repo) as server:
