@@ -240,3 +240,15 @@ def test_run_memory_refusal_says_when_no_length_fits_the_batch(tiny_repository):
     runtime.check_run_memory(1, 1)
     with pytest.raises(ResourceExhausted, match="no time axis fits at batch 64; send fewer rows"):
         runtime.check_run_memory(64, 1)
+
+
+def test_length_buckets_pad_a_request_to_less_than_twice_its_length():
+    from lstm_onnx.server.batcher import SHORT_STEPS, batch_key, length_bucket
+
+    assert {length_bucket(t) for t in range(1, SHORT_STEPS + 1)} == {0}
+    for k in range(1, 20):  # bucket k is (SHORT_STEPS * 2^(k-1), SHORT_STEPS * 2^k]
+        low, high = SHORT_STEPS * 2 ** (k - 1) + 1, SHORT_STEPS * 2 ** k
+        assert length_bucket(low - 1) == k - 1 and length_bucket(low) == length_bucket(high) == k
+        assert length_bucket(high + 1) == k + 1 and high < 2 * low
+    short, long = ({"input": np.zeros((1, t, 1), np.float32)} for t in (10, 100_000))
+    assert batch_key(short, "input") != batch_key(long, "input")
