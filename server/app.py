@@ -117,7 +117,9 @@ async def start_server(settings: ServerSettings, metrics: Metrics | None = None)
     server = http_server = metrics_server = metrics_port = None
     try:
         options = RuntimeOptions(settings.provider, settings.intra_op_threads, settings.inter_op_threads,
-                                 spinning=settings.intra_op_spinning == "on")
+                                 spinning=settings.intra_op_spinning == "on",
+                                 max_run_memory_bytes=settings.max_run_memory_bytes,
+                                 cpu_memory_arena=settings.cpu_memory_arena == "on")
         repository = Repository(Path(settings.model_repository), options, settings.max_batch_size,
                                 settings.max_queue_delay_us, settings.max_model_bytes)
         repository.strict_readiness = settings.strict_readiness == "true"

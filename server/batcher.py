@@ -1,4 +1,9 @@
-"""Dynamic batching: requests for one model version are merged into one onnxruntime run and split back."""
+"""Dynamic batching: requests for one model version are merged into one onnxruntime run and split back.
+
+Length-aware: requests merge only within a length bucket (so a short request is padded to at most twice its
+length, or to SHORT_STEPS), never into a run whose estimated memory is above the model's budget, and short and
+long requests queue in separate lanes that run side by side, so a long run never holds a short request.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -28,14 +33,27 @@ class Timing:
     output_ns: int = 0  # onnxruntime done -> this request's outputs are split out and back on the event loop
 
 
+SHORT_STEPS = 64  # requests up to this long all share bucket 0: padding them costs at most 63 steps
+LONG_STEPS = 1024  # requests longer than this queue in the long lane
+
+
+def length_bucket(steps: int) -> int:
+    """0 for T <= SHORT_STEPS, else k for T in (SHORT_STEPS * 2^(k-1), SHORT_STEPS * 2^k]: within a bucket the
+    longest request is less than twice the shortest, so padding at most doubles a request's work."""
+    return ((steps - 1) // SHORT_STEPS).bit_length()
+
+
 def batch_key(inputs: Inputs, time_input: str | None = None) -> tuple:
     """Requests with equal keys can be concatenated along the batch axis.
 
     Same names, datatypes and non-batch dims; for a model that takes sequence_lens (`time_input` set) the time
-    axis of that input is left out, because merge_inputs pads it.
+    axis of that input is replaced by its length bucket, because merge_inputs pads it within a bucket.
     """
-    return tuple(sorted((name, a.dtype.str, a.shape[2:] if name == time_input else a.shape[1:])
-                        for name, a in inputs.items()))
+    key = tuple(sorted((name, a.dtype.str, a.shape[2:] if name == time_input else a.shape[1:])
+                       for name, a in inputs.items()))
+    if time_input is not None and time_input in inputs:
+        return key + (length_bucket(inputs[time_input].shape[1]),)
+    return key
 
 
 def merge_inputs(parts: list[Inputs], time_input: str | None = None) -> tuple[Inputs, np.ndarray | None]:
@@ -76,9 +94,41 @@ class _Pending:
     key: tuple
     future: asyncio.Future
     enqueued_ns: int
+    steps: int  # T of the time input (0 when the model has none): with rows, what the run's memory grows with
 
 
 class DynamicBatcher:
+    """Queues requests for one model version in two lanes, short (T <= LONG_STEPS) and long, each running merged
+    batches one run at a time; the lanes run side by side, so a short request waits for short runs only.
+
+    The scheduler has checked each request's run alone against the model's memory budget
+    (ModelRuntime.check_run_memory); the lanes keep merged runs within it.
+    """
+
+    def __init__(self, runtime: ModelRuntime, executor: Executor, metrics: Metrics, max_batch_size: int,
+                 max_queue_delay_us: int, merge: bool, clock: Callable[[], int] = time.perf_counter_ns):
+        self.runtime = runtime
+        self.short = Lane(runtime, executor, metrics, max_batch_size, max_queue_delay_us, merge, clock)
+        self.long = Lane(runtime, executor, metrics, max_batch_size, max_queue_delay_us, merge, clock)
+        self._time_input = getattr(runtime, "time_input", None)
+
+    @property
+    def _queue(self) -> list[_Pending]:
+        return self.short._queue + self.long._queue
+
+    async def infer(self, inputs: Inputs, rows: int) -> tuple[Inputs, Timing]:
+        """All outputs for these inputs, and where the request's time went."""
+        steps = _steps(inputs, self._time_input)
+        lane = self.long if steps > LONG_STEPS else self.short
+        return await lane.infer(inputs, rows, steps)
+
+
+def _steps(inputs: Inputs, time_input: str | None) -> int:
+    x = inputs.get(time_input) if time_input else None
+    return x.shape[1] if x is not None and x.ndim >= 2 else 0
+
+
+class Lane:
     """Queues requests for one model version and runs them in merged batches, one run at a time.
 
     An idle model runs a request at once; only while a run is in progress do requests accumulate, and
@@ -104,8 +154,10 @@ class DynamicBatcher:
         self._labels = (runtime.name, str(runtime.version))
         ragged = getattr(runtime, "ragged", None)
         self._time_input = ragged.time_input if ragged is not None else None
+        self._memory = getattr(runtime, "run_memory", None)
+        self._budget = getattr(runtime, "max_run_memory_bytes", 0)
 
-    async def infer(self, inputs: Inputs, rows: int) -> tuple[Inputs, Timing]:
+    async def infer(self, inputs: Inputs, rows: int, steps: int = 0) -> tuple[Inputs, Timing]:
         """All outputs for these inputs, and where the request's time went."""
         if not self.merge:
             start = self._clock()
@@ -120,7 +172,7 @@ class DynamicBatcher:
         if not self._queue and (self._worker is None or self._worker.done()):
             return await self._run_inline(inputs, rows)
         item = _Pending(inputs, rows, batch_key(inputs, self._time_input),
-                        asyncio.get_running_loop().create_future(), self._clock())
+                        asyncio.get_running_loop().create_future(), self._clock(), steps)
         self._queue.append(item)
         self._arrived.set()
         if self._worker is None or self._worker.done():
@@ -181,21 +233,31 @@ class DynamicBatcher:
         outputs = self.runtime.predict(inputs, None, lengths, run_options)
         return outputs, began, self._clock()
 
-    def _take(self, key: tuple | None, room: int) -> list[_Pending]:
+    def _take(self, batch: list[_Pending]) -> list[_Pending]:
+        """Queued requests that can join `batch` (the first in the queue when it is empty): the same key, room
+        in max_batch_size, and the merged run's estimated memory within the budget."""
+        key = batch[0].key if batch else None
+        rows = sum(item.rows for item in batch)
+        steps = max((item.steps for item in batch), default=0)
         taken, kept = [], []
         for item in self._queue:
-            if (key is None or item.key == key) and item.rows <= room:
+            if ((key is None or item.key == key) and rows + item.rows <= self.max_batch_size
+                    and ((not batch and not taken) or self._fits(rows + item.rows, max(steps, item.steps)))):
                 key = item.key
                 taken.append(item)
-                room -= item.rows
+                rows += item.rows
+                steps = max(steps, item.steps)
             else:
                 kept.append(item)
         self._queue = kept
         return taken
 
+    def _fits(self, rows: int, steps: int) -> bool:
+        return self._memory is None or not self._budget or self._memory.estimate(rows, steps) <= self._budget
+
     async def _drain(self, busy: bool = False) -> None:
         while self._queue:
-            batch = self._take(None, self.max_batch_size)
+            batch = self._take([])
             rows = sum(item.rows for item in batch)
             if busy and rows < self.max_batch_size and self.max_queue_delay_s > 0:
                 # Under load a short wait lets the batch fill; at low load (busy False) nothing waits.
@@ -209,7 +271,7 @@ class DynamicBatcher:
                         await asyncio.wait_for(self._arrived.wait(), remaining)
                     except asyncio.TimeoutError:
                         break
-                    more = self._take(batch[0].key, self.max_batch_size - rows)
+                    more = self._take(batch)
                     batch += more
                     rows += sum(item.rows for item in more)
             await self._run(batch, rows)

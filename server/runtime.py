@@ -10,8 +10,9 @@ import numpy as np
 
 from lstm_onnx.contract import METADATA_KEY, parse_contract
 from lstm_onnx.protocol import datatypes
-from lstm_onnx.protocol.errors import Internal, InvalidArgument, clip
+from lstm_onnx.protocol.errors import Internal, InvalidArgument, ResourceExhausted, clip
 
+from .memory import RELEASE_BYTES, RunMemory, format_bytes, read_run_memory, release_free_memory
 from .padding import RaggedPlan, add_sequence_lens
 
 log = logging.getLogger("lstm_onnx.server")
@@ -52,6 +53,8 @@ class RuntimeOptions:
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     spinning: bool = False  # idle intra-op threads busy-wait: faster hand-offs, but CPU taken from gRPC's loop
+    max_run_memory_bytes: int = 1 << 30  # estimated peak of one run; the batcher refuses or splits above it
+    cpu_memory_arena: bool = False  # onnxruntime's CPU arena keeps the peak of the largest run for good
 
 
 @dataclass
@@ -68,6 +71,9 @@ class ModelRuntime:
     parity_sample: dict | None = None
     ragged: RaggedPlan | None = None  # set when the session takes sequence_lens, so requests of any T can merge
     bidirectional: bool = False  # from the contract: state cannot be carried across chunks of one sequence
+    run_memory: RunMemory | None = None  # peak memory of a run from its shape; None: no recurrent node to read
+    time_input: str | None = None  # the [B, T, F] input whose T a run's memory grows with
+    max_run_memory_bytes: int = 0  # the budget of one run (0: none)
     ready: bool = False
     reason: str = ""
     _session: object = None
@@ -81,10 +87,11 @@ class ModelRuntime:
         so.intra_op_num_threads = options.intra_op_threads
         so.inter_op_num_threads = options.inter_op_threads
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spinning else "0")
+        so.enable_cpu_mem_arena = options.cpu_memory_arena
         so.log_severity_level = 3  # ORT's warnings (e.g. unused initializers) are not the operator's problem
         # True FP32 on CUDA: TF32 would drift ~1e-2 from what was trained and verified.
         entries = [(p, {"use_tf32": "0"}) if p == CUDA else p for p in providers]
-        source, self.ragged = _ragged_source(self.path)
+        source, self.ragged, graph = _ragged_source(self.path)
         session = ort.InferenceSession(source, sess_options=so, providers=entries)
         used = session.get_providers()[0]
         if options.provider == "cuda" and used != CUDA:
@@ -94,6 +101,7 @@ class ModelRuntime:
         hidden = self.ragged.lengths_input if self.ragged else None
         self.inputs = [_spec_of(arg) for arg in session.get_inputs() if arg.name != hidden]
         self.outputs = [_spec_of(arg) for arg in session.get_outputs()]
+        self.max_run_memory_bytes = options.max_run_memory_bytes
         contract = _read_contract(session)
         if contract is not None:
             self.state = [StatePair(s["input"], s["output"]) for s in contract.get("state", [])]
@@ -105,6 +113,7 @@ class ModelRuntime:
         elif state:
             self.state = list(state)
         self._check_state()
+        self._read_run_memory(graph)
         log.info("model loaded", extra={"fields": {"model": self.name, "version": self.version,
                                                    "provider": self.provider, "providers": providers,
                                                    "ragged": self.ragged is not None}})
@@ -116,6 +125,39 @@ class ModelRuntime:
             if pair.input not in inputs or pair.output not in outputs:
                 raise ValueError(f"state pair {pair.input!r}->{pair.output!r}: not an input/output of the model "
                                  f"(inputs {sorted(inputs)}, outputs {sorted(outputs)})")
+
+    def _read_run_memory(self, graph) -> None:
+        """Find the time input (the ragged plan's, else the one [B, T, F] input that is not state) and the
+        graph's run-memory model."""
+        if self.ragged is not None:
+            self.time_input = self.ragged.time_input
+        else:
+            candidates = [s.name for s in self.inputs if len(s.shape) == 3 and s.name not in self.state_inputs]
+            self.time_input = candidates[0] if len(candidates) == 1 else None
+        features = self.input_spec(self.time_input).shape[2] if self.time_input else -1
+        if graph is not None and features > 0:
+            self.run_memory = read_run_memory(graph, features)
+
+    def steps_of(self, inputs: dict[str, np.ndarray]) -> int:
+        """T of a request: the time input's axis 1 (0 when the model has no time input or the request lacks it)."""
+        x = inputs.get(self.time_input) if self.time_input else None
+        return x.shape[1] if x is not None and x.ndim == 3 else 0
+
+    def check_run_memory(self, rows: int, steps: int) -> None:
+        """Raise ResourceExhausted when a run of `rows` rows and `steps` steps cannot fit the budget alone."""
+        if self.run_memory is None or not self.max_run_memory_bytes:
+            return
+        need = self.run_memory.estimate(rows, steps)
+        if need <= self.max_run_memory_bytes:
+            return
+        longest = self.run_memory.max_steps(rows, self.max_run_memory_bytes)
+        fits = (f"at batch {rows} the longest time axis that fits is {longest}" if longest else
+                f"no time axis fits at batch {rows}; send fewer rows")
+        raise ResourceExhausted(
+            f"model '{self.name}': input '{self.time_input}' of batch {rows} and time {steps} needs an estimated "
+            f"{format_bytes(need)} ({need} bytes) in one run, above the run memory budget of "
+            f"{format_bytes(self.max_run_memory_bytes)} ({self.max_run_memory_bytes} bytes, --max-run-memory-bytes); "
+            f"{fits} (send a sequence in chunks with sequence_id to go longer)")
 
     @property
     def state_inputs(self) -> set[str]:
@@ -171,11 +213,21 @@ class ModelRuntime:
         try:
             results = self._session.run(names, inputs, run_options)
         except Exception as exc:  # ORT raises its own types; the client gets one line
+            self._release_after(inputs)
             if run_options is not None and run_options.terminate:
                 raise Stopped(f"model '{self.name}' version {self.version}: run stopped, its requests were "
                               "abandoned") from exc
             raise Internal(f"model '{self.name}' version {self.version} failed: {exc}".splitlines()[0]) from exc
+        self._release_after(inputs)
         return dict(zip(names, results))
+
+    def _release_after(self, inputs: dict[str, np.ndarray]) -> None:
+        """After a large run, give its freed memory back to the OS, so one big request does not leave its peak."""
+        steps = self.steps_of(inputs)
+        if self.run_memory is not None and steps:
+            rows = inputs[self.time_input].shape[0]
+            if self.run_memory.estimate(rows, steps) > RELEASE_BYTES:
+                release_free_memory()
 
     def self_test(self) -> str | None:
         """Run the parity sample recorded at export; None when it passes or there is none, else why it failed."""
@@ -202,23 +254,24 @@ def describe_pairs(pairs: list[StatePair]) -> str:
     return "[" + ", ".join(f"{p.input}->{p.output}" for p in pairs) + "]"
 
 
-def _ragged_source(path: Path) -> tuple[str | bytes, RaggedPlan | None]:
-    """The model to open: the file's path as it is, or its bytes rewritten to take sequence_lens when safe."""
+def _ragged_source(path: Path) -> tuple[str | bytes, RaggedPlan | None, object]:
+    """The model to open: the file's path as it is, or its bytes rewritten to take sequence_lens when safe; and the
+    parsed graph (None when onnx cannot read it), for the run-memory model."""
     import onnx
 
     try:
         model = onnx.load(str(path))
     except Exception:  # onnxruntime gives the clearer error on a bad file: let it open the path
-        return str(path), None
+        return str(path), None, None
     trusted = any(p.key == METADATA_KEY for p in model.metadata_props)
     rewritten, plan = add_sequence_lens(model, trusted)
     if rewritten is None:
         log.info("ragged batching off", extra={"fields": {"path": str(path), "why": plan}})
-        return str(path), None
+        return str(path), None, model
     try:
-        return rewritten.SerializeToString(), plan
+        return rewritten.SerializeToString(), plan, model
     except ValueError:  # past protobuf's 2 GiB: serve the file as it is, batching equal lengths only
-        return str(path), None
+        return str(path), None, model
 
 
 def decode_sample_tensor(tensor: dict) -> np.ndarray:

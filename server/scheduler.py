@@ -200,6 +200,7 @@ class Scheduler:
                 raise InvalidArgument(f"requested output '{clip(name)}': model '{runtime.name}' has outputs {output_names}")
         runtime.check_inputs(inputs)
         rows = _batch_rows(inputs, max_batch_size, runtime.name)
+        runtime.check_run_memory(rows, runtime.steps_of(inputs))  # before a sequence step is reserved: refusal keeps it
         if sequence is not None and not runtime.state:
             raise InvalidArgument(f"model '{runtime.name}' carries no recurrent state, so it takes no sequence_id")
         if sequence is not None and runtime.bidirectional and not (sequence.start and sequence.end):

@@ -39,6 +39,16 @@ class ServerSettings:
     intra_op_spinning: str = _setting("off", "on: idle onnxruntime threads busy-wait for work (lower latency on "
                                       "dedicated cores); off leaves the CPU to the gRPC event loop",
                                       choices=("off", "on"))
+    max_run_memory_bytes: int = _setting(1 << 30, "estimated peak memory of one onnxruntime run (from the model's "
+                                         "layers, hidden size, directions, rows and longest T); a request that "
+                                         "cannot fit alone is refused with RESOURCE_EXHAUSTED, and requests are "
+                                         "never merged above it. 1 GiB: the default hidden-32, 2-layer LSTM takes "
+                                         "~800 bytes per row per step, so one row fits 1.3M steps and 64 rows "
+                                         "20k; a [64, 50000, 1] request (2.6 GB) is refused. See "
+                                         "docs/reliability.md, Limits")
+    cpu_memory_arena: str = _setting("off", "onnxruntime's CPU memory arena: on keeps the peak of the largest run "
+                                     "resident for good (a 2.5 GB run leaves 2.5 GB); off returns each run's "
+                                     "memory, at no measurable cost on small requests", choices=("off", "on"))
     executor_threads: int = _setting(4, "threads that run onnxruntime off the event loop (all models together)")
     max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message in either direction, and "
                                       "largest REST request body; "
@@ -111,8 +121,9 @@ class ServerSettings:
                              f"{ENV_PREFIX}MODEL_REPOSITORY)")
         if self.provider not in PROVIDERS:
             raise ValueError(f"provider: got {self.provider!r}, expected one of {', '.join(PROVIDERS)}")
-        if self.intra_op_spinning not in ("off", "on"):
-            raise ValueError(f"intra_op_spinning: got {self.intra_op_spinning!r}, expected off or on")
+        for name in ("intra_op_spinning", "cpu_memory_arena"):
+            if getattr(self, name) not in ("off", "on"):
+                raise ValueError(f"{name}: got {getattr(self, name)!r}, expected off or on")
         if self.event_loop not in EVENT_LOOPS:
             raise ValueError(f"event_loop: got {self.event_loop!r}, expected one of {', '.join(EVENT_LOOPS)}")
         for name in ("exit_on_error", "strict_readiness"):
@@ -136,10 +147,10 @@ class ServerSettings:
                                  f"({total}; 0 means a quarter of it)")
         if self.request_timeout_s < 0:
             raise ValueError(f"request_timeout_s: got {self.request_timeout_s}, expected 0 (no limit) or more")
-        for name in ("executor_threads", "max_message_bytes", "max_model_bytes", "max_batch_size", "max_sequences",
-                     "max_concurrent_streams", "workers", "http_max_connections", "http_max_header_bytes",
-                     "max_queued_requests_per_model", "max_queued_requests", "max_queued_bytes_per_model",
-                     "max_queued_bytes"):
+        for name in ("executor_threads", "max_run_memory_bytes", "max_message_bytes", "max_model_bytes",
+                     "max_batch_size", "max_sequences", "max_concurrent_streams", "workers", "http_max_connections",
+                     "http_max_header_bytes", "max_queued_requests_per_model", "max_queued_requests",
+                     "max_queued_bytes_per_model", "max_queued_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: got {getattr(self, name)}, expected at least 1")
         for name in ("intra_op_threads", "inter_op_threads", "max_queue_delay_us"):

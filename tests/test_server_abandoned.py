@@ -15,6 +15,10 @@ from server_models import Gate, sample_input
 MODEL = "tiny_lstm"
 
 
+# LONG's run is estimated at 1.3 GB, above the default run memory budget: these tests raise it to run it.
+BUDGET = {"max_run_memory_bytes": 2 << 30}
+
+
 def _start(repo, **overrides):
     from lstm_onnx.server.app import BackgroundServer
     from lstm_onnx.server.settings import ServerSettings
@@ -24,7 +28,7 @@ def _start(repo, **overrides):
 
 @pytest.fixture(scope="module")
 def server(tiny_repository):
-    with _start(tiny_repository) as srv:
+    with _start(tiny_repository, **BUDGET) as srv:
         yield srv
 
 
@@ -143,7 +147,7 @@ def test_request_timeout_setting_frees_the_model_and_is_counted(tiny_repository)
     from lstm_onnx.protos import grpc_service_pb2 as pb
     from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
-    with _start(tiny_repository, request_timeout_s=0.5) as srv, grpc.insecure_channel(srv.url) as channel:
+    with _start(tiny_repository, request_timeout_s=0.5, **BUDGET) as srv, grpc.insecure_channel(srv.url) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         x = np.random.default_rng(0).standard_normal((*LONG, 1)).astype(np.float32)
         with pytest.raises(grpc.RpcError) as caught:
