@@ -21,6 +21,7 @@ from lstm_onnx.protos import grpc_service_pb2 as pb
 from . import tls
 from .handlers import add_inference_servicer
 from .http_site import HttpLimits, HttpSite, ssl_context
+from .memory import fix_mmap_threshold
 from .metrics import Metrics, start_metrics_server
 from .repository import Repository
 from .rest import RestApi
@@ -111,6 +112,7 @@ async def start_server(settings: ServerSettings, metrics: Metrics | None = None)
     Raises StartupError with one line naming what failed; nothing is left running then.
     """
     started = time.perf_counter()
+    fix_mmap_threshold()  # large run buffers go back to the OS when freed (server/memory.py)
     if settings.provider == "cuda":
         _check_cuda()
     executor = ThreadPoolExecutor(max_workers=settings.executor_threads, thread_name_prefix="ort")

@@ -105,6 +105,23 @@ def _load_trim():
 
 
 _malloc_trim = _load_trim()
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Serve blocks of `threshold` bytes and more from mmap, so freeing one returns it to the OS at once.
+
+    glibc raises its mmap threshold each time a large mmapped block is freed (up to 32 MB), after which runs'
+    buffers come from the heap and stay resident when freed: under a stream of medium-sized runs (each below
+    RELEASE_BYTES, so not trimmed) RSS then climbs above the run budget. Setting the threshold turns that
+    adjustment off. Returns False where there is no glibc (nothing to set)."""
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt and mallopt(M_MMAP_THRESHOLD, threshold))
 
 
 def release_free_memory() -> None:

@@ -28,6 +28,7 @@ from .faults import (
     write_fragile_model,
 )
 from .fuzz import OK, encode, generate_bad_requests, good_inputs, reference_outputs, shape_of_repository
+from .hostile import add_hostile_entries, run_hostile_mix, wait_serving_http
 from .races import RaceClients, Reference, check
 from .soak import SoakClients, build_cases, check_outputs
 
@@ -128,6 +129,51 @@ def _races(repo: Path, model_path: Path, shape, clients: int, operations: int) -
                     f"in a row); sequences leaked {len(leaked)}; {result.sent / seconds:.0f} ops/s; server process")
 
 
+LONG_T_NOTE = "100000, F"
+HOSTILE_BUDGET = 128 << 20  # --max-run-memory-bytes for the hostile mix
+HOSTILE_MESSAGE = 16 << 20  # --max-message-bytes: a request refused for its run is decoded (held) first
+
+
+def _hostile(source: Path, work: Path, shape, unary, sequences, model_path: Path, clients: int,
+             requests: int) -> Row:
+    """The soak beside long-T, padding-amplification, slot-hoarding and idle-stream clients, with hostile
+    repository entries, against an `lstm-onnx serve` process with a run memory budget."""
+    repo = work / "hostile"
+    shutil.copytree(source, repo)
+    set_sequence_idle(repo, 60.0)  # hoarded sequences stay live through the run
+    entries = add_hostile_entries(repo, MODEL)
+    process = ServerProcess(repo, "--exit-on-error", "false", "--http-port", "0", "--max-message-bytes",
+                            str(HOSTILE_MESSAGE), "--max-run-memory-bytes", str(HOSTILE_BUDGET), "--stream-idle-timeout-s",
+                            "2", timeout_s=60)
+    try:
+        http_url = wait_serving_http(process)
+        result = asyncio.run(run_hostile_mix(process, http_url, shape, unary, sequences,
+                                             lambda x: reference_outputs(model_path, {"input": x}, shape),
+                                             clients, requests, entries))
+    finally:
+        process.stop()
+    over = result.rss_peak - result.rss_baseline
+    errors = (result.soak_errors + len(result.too_long_other) + (result.idle_streams - result.idle_streams_ended)
+              + (len(entries) - len(result.hostile_entries_refused)) + int(over > HOSTILE_BUDGET + HOSTILE_MESSAGE)
+              + int(not result.hoarder_refusal.startswith("429")))
+    wrong = result.soak_wrong + result.long_wrong + result.burst_wrong
+    print(f"hostile mix: {result}", flush=True)
+    return Row("hostile mix beside the soak: long T, padding amplification, slot hoarding, idle streams, "
+               "hostile repository entries", result.soak_sent + result.long_answered + result.too_long_refused
+               + 32 * result.bursts + result.hoarder_started, errors, wrong,
+               f"peak {result.rss_peak / 2**20:.0f} MiB = under the soak alone {result.rss_baseline / 2**20:.0f} + "
+               f"{over / 2**20:.0f} MiB (limit: run budget {HOSTILE_BUDGET >> 20} MiB + one message "
+               f"{HOSTILE_MESSAGE >> 20} MiB)",
+               note=f"soak {result.soak_sent} sent, {result.soak_errors} errors, {result.soak_wrong} wrong; "
+                    f"[1, {LONG_T_NOTE}] x {result.long_answered} answered right ({result.long_wrong} wrong), "
+                    f"{result.too_long_refused} runs over the budget refused (RESOURCE_EXHAUSTED), other outcomes "
+                    f"{result.too_long_other[:2]}; {result.bursts} bursts of 1 long + 31 short, {result.burst_wrong} "
+                    f"wrong; hoarder (REST, another address) started {result.hoarder_started} then "
+                    f"{result.hoarder_refusal[:60]!r}; idle streams {result.idle_streams_ended}/{result.idle_streams} "
+                    f"ended by the idle timeout; hostile entries not ready {len(result.hostile_entries_refused)}/"
+                    f"{len(entries)}; samples {result.samples[:2]}")
+
+
 def _leaked(url: str, ids: list[str], idle_s: float = 1.0) -> list[str]:
     """The ids the server still holds once they have idled out: a continue must find each unknown."""
     from lstm_onnx.protocol.codec import SequenceControl, encode_request
@@ -168,6 +214,8 @@ def run(requests: int, clients: int, faults: int, bad: int, repository: Path | N
                                   max_message_bytes=MESSAGE_BYTES, sequence_idle_timeout_s=1.0)
         if only == "races":
             return [_races(repo, model_path, shape, clients, races)]
+        if only == "hostile":
+            return [_hostile(source, work, shape, unary, sequences, model_path, clients, min(requests, 20_000))]
         with BackgroundServer(settings) as srv:
             soak = SoakClients(srv.url, shape, unary, sequences, stream_share=0.3)
             warm = asyncio.run(soak.run(clients, min(5000, requests), time_limit_s=600, seed=1))
@@ -212,6 +260,7 @@ def run(requests: int, clients: int, faults: int, bad: int, repository: Path | N
                         f"{drain.status_lost} refusals whose status the grpc.aio client lost (grpc/grpc#36066); "
                         f"exit {drain.exit_code}, unfinished {stopped[-1].get('unfinished') if stopped else '?'}"))
         rows.append(_races(repo, model_path, shape, clients, races))
+        rows.append(_hostile(source, work, shape, unary, sequences, model_path, clients, min(requests, 20_000)))
         return rows
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -238,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bad", type=int, default=1000, help="generated bad requests (default 1000)")
     parser.add_argument("--races", type=int, default=20_000, help="operations in the concurrent cancellation and "
                         "races run (default 20000)")
-    parser.add_argument("--only", choices=["races"], help="run only this row")
+    parser.add_argument("--only", choices=["races", "hostile"], help="run only this row")
     parser.add_argument("--repository", type=Path, help=f"a repository with {MODEL} (default: train and export one)")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
