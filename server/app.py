@@ -22,6 +22,7 @@ from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 from . import tls
 from .http_site import HttpLimits, HttpSite, ssl_context
 from .metrics import Metrics, start_metrics_server
+from .redis_store import open_store
 from .repository import Repository
 from .rest import RestApi
 from .runtime import RuntimeOptions
@@ -34,6 +35,7 @@ log = logging.getLogger("lstm_onnx.server")
 
 QUIET_S = 0.25  # on drain, how long no request must arrive before the port closes (bounded by the grace period)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+STORE_HEALTH = "lstm_onnx.SequenceStore"  # health service name that reports the shared sequence store (Redis)
 
 
 @dataclass
@@ -79,6 +81,8 @@ class RunningServer:
             await self.http_server.close(max(0.0, deadline - time.monotonic()))
         for task in self._tasks:
             task.cancel()
+        if hasattr(self.scheduler.sequences, "close"):
+            await self.scheduler.sequences.close()
         if self.metrics_server is not None:
             await self.metrics_server.close(0.0)
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -131,8 +135,8 @@ async def start_server(settings: ServerSettings, metrics: Metrics | None = None)
         if any(v.runtime is not None and getattr(v.runtime, "provider", "cpu") == "cuda"
                for e in repository.models.values() for v in e.versions.values()):
             metrics.enable_gpu()
-        sequences = SequenceStore(settings.max_sequences, settings.sequence_idle_timeout_s,
-                                  idle_timeouts=repository.sequence_idle_timeouts())
+        sequences = open_store(settings.sequence_store, settings.max_sequences, settings.sequence_idle_timeout_s,
+                               idle_timeouts=repository.sequence_idle_timeouts())
         scheduler = Scheduler(repository, executor, metrics, sequences, settings.request_timeout_s)
 
         limits = [("grpc.max_send_message_length", settings.max_message_bytes),
@@ -180,6 +184,17 @@ async def start_server(settings: ServerSettings, metrics: Metrics | None = None)
     status = health_pb2.HealthCheckResponse.SERVING if repository.ready else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, status)
+    if hasattr(sequences, "check"):
+        # The shared store's state under a health service of its own: stateless requests go on while it is down,
+        # so the server's own status (what readiness probes ask) does not follow it.
+        def on_health(up: bool) -> None:
+            asyncio.get_running_loop().create_task(health_servicer.set(
+                STORE_HEALTH, health_pb2.HealthCheckResponse.SERVING if up
+                else health_pb2.HealthCheckResponse.NOT_SERVING))
+
+        sequences.on_health = on_health
+        await health_servicer.set(STORE_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await sequences.check()
     running = RunningServer(settings, repository, scheduler, server, health_servicer, port, metrics_port, executor,
                             servicer, metrics_server, http_server)
     running._tasks.append(asyncio.get_running_loop().create_task(_evict_forever(sequences)))
@@ -280,6 +295,8 @@ async def _evict_forever(sequences: SequenceStore) -> None:
     while True:
         await asyncio.sleep(period)
         sequences.evict_idle()
+        if hasattr(sequences, "check"):  # Redis: the store's health, and a reconnect when it is back
+            await sequences.check()
 
 
 async def serve(settings: ServerSettings) -> None:

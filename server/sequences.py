@@ -55,6 +55,7 @@ class Step:
     place: int
     control: SequenceControl
     request_id: str
+    seen: tuple | None = None  # a shared store's (incarnation, version) that this step's turn read
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class SequenceStore:
     client continuing one hears why it was aborted rather than "unknown".
     """
 
+    name = "memory"  # what errors, logs and health call this store
+
     def __init__(self, max_sequences: int, idle_timeout_s: float, clock: Callable[[], float] = time.monotonic,
                  idle_timeouts: dict[str, float] | None = None):
         self.max_sequences = max_sequences
@@ -90,8 +93,11 @@ class SequenceStore:
         """Whether (model, sequence id) is held: live, or aborted and not yet idled out."""
         return key in self._live
 
-    def reserve(self, model: str, control: SequenceControl, request_id: str = "") -> Step:
-        """A place at the end of the sequence's log; refuses an id never started, and a new id beyond the limit."""
+    def reserve(self, model: str, control: SequenceControl, request_id: str = "", version: int = 0) -> Step:
+        """A place at the end of the sequence's log; refuses an id never started, and a new id beyond the limit.
+
+        `version`: the model version that runs the step (the Redis store keys on it; one process's memory does not).
+        """
         self.evict_idle()
         key = (model, control.id)
         sequence = self._live.get(key)
@@ -115,6 +121,14 @@ class SequenceStore:
         FailedPrecondition when the sequence was ended before its turn, Aborted when an earlier step was
         abandoned. A sequence_start always runs, on zeros. Cancelled while waiting: the caller must `abandon`.
         """
+        await self._wait_turn(step)
+        sequence = step.sequence
+        if step.control.start:
+            return Turn(None, sequence.version, 1, "")
+        self._refuse_if_broken(step)
+        return Turn(sequence.state, sequence.version, sequence.step + 1, sequence.last_request)
+
+    async def _wait_turn(self, step: Step) -> None:
         sequence = step.sequence
         if sequence.resolved < step.place - 1:
             waiter = asyncio.get_running_loop().create_future()
@@ -125,8 +139,10 @@ class SequenceStore:
                 sequence.waiters.pop(step.place, None)
         if sequence.resolved != step.place - 1:
             raise Internal(f"sequence {step.control.id!r}: place {step.place} woken with {sequence.resolved} resolved")
-        if step.control.start:
-            return Turn(None, sequence.version, 1, "")
+
+    def _refuse_if_broken(self, step: Step) -> None:
+        """Resolve the step as refused, and raise, when the local log says it cannot run (aborted, or ended)."""
+        sequence = step.sequence
         if sequence.broken:
             self._resolve(step)
             raise Aborted(f"sequence {step.control.id!r}: {sequence.broken}; this request would run on the state "
@@ -135,10 +151,12 @@ class SequenceStore:
             self._resolve(step)
             raise FailedPrecondition(f"sequence {step.control.id!r}: ended by {sequence.ended} (sequence_end) before "
                                      "this request's turn; start it again with sequence_start")
-        return Turn(sequence.state, sequence.version, sequence.step + 1, sequence.last_request)
 
-    def commit(self, step: Step, turn: Turn, state: State) -> None:
-        """Apply the step: compare-and-set on the version the turn saw; the step leaves `state` for the next."""
+    async def commit(self, step: Step, turn: Turn, state: State) -> None:
+        """Apply the step: compare-and-set on the version the turn saw; the step leaves `state` for the next.
+
+        Never suspends here (in memory), so a step is either applied and answered, or abandoned.
+        """
         sequence = step.sequence
         if sequence.resolved != step.place - 1 or sequence.version != turn.version:
             raise Internal(f"sequence {step.control.id!r}: commit of place {step.place} at version {turn.version} "

@@ -51,6 +51,10 @@ class ServerSettings:
     max_sequences: int = _setting(1024, "most live sequences over all models in one server process (per worker "
                                   "with --workers: a connection's sequences live on its worker); a new one beyond "
                                   "it is refused")
+    sequence_store: str = _setting("memory", "where sequence state lives: memory (this process) or "
+                                   "redis://HOST:PORT/DB, rediss:// for TLS (password from env "
+                                   "LSTM_ONNX_SEQUENCE_STORE_PASSWORD): shared by replicas and workers, survives "
+                                   "restarts; see docs/scale-out.md")
     request_timeout_s: float = _setting(60.0, "longest one request may spend in the server (queue and run) before it "
                                         "gets DEADLINE_EXCEEDED; 0 means no limit")
     max_concurrent_streams: int = _setting(256, "most ModelStreamInfer streams open at once in one server process "
@@ -104,6 +108,9 @@ class ServerSettings:
         if bool(self.tls_cert) != bool(self.tls_key) or (self.tls_client_ca and not self.tls_cert):
             raise ValueError(f"tls: got cert {self.tls_cert!r}, key {self.tls_key!r}, client CA "
                              f"{self.tls_client_ca!r}; expected cert and key together (and a client CA only with them)")
+        if self.sequence_store != "memory" and not self.sequence_store.startswith(("redis://", "rediss://")):
+            raise ValueError(f"sequence_store: got {self.sequence_store!r}, expected memory, redis://HOST:PORT/DB "
+                             "or rediss://HOST:PORT/DB")
         if self.request_timeout_s < 0:
             raise ValueError(f"request_timeout_s: got {self.request_timeout_s}, expected 0 (no limit) or more")
         for name in ("executor_threads", "max_message_bytes", "max_batch_size", "max_sequences",
