@@ -34,7 +34,7 @@ from lstm_onnx.protocol.errors import (
     Unavailable,
 )
 
-from .sequences import Sequence, SequenceStore, State, Step, Turn
+from .sequences import Sequence, SequenceStore, State, Step, Turn, check_step
 
 log = logging.getLogger("lstm_onnx.server")
 
@@ -178,6 +178,7 @@ class RedisSequenceStore(SequenceStore):
             if broken:
                 raise Aborted(f"sequence {step.control.id!r}: {broken.decode()}; this request would run on the state "
                               "from before it, so it is refused; start the sequence again with sequence_start")
+            check_step(step, int(number), last.decode())
             state = decode_state(blob)
         except BaseException:
             self._resolve(step)  # refused before it ran: the log goes on (a retry finds the same state)

@@ -68,6 +68,19 @@ class Turn:
     previous_id: str  # request id of the step whose state this one continues ("" for a sequence_start)
 
 
+def check_step(step: Step, applied: int, last_request: str) -> None:
+    """Refuse a request that names its step number (`sequence_step`) when the sequence is not one step before it."""
+    want = step.control.step
+    if not want or want == applied + 1:
+        return
+    if want <= applied:
+        raise FailedPrecondition(f"sequence {step.control.id!r}: this request is step {want} (sequence_step), which "
+                                 f"is already applied (the last applied is step {applied}, request {last_request!r}); "
+                                 "it is not applied twice")
+    raise FailedPrecondition(f"sequence {step.control.id!r}: this request is step {want} (sequence_step), but the "
+                             f"last applied is step {applied}; step {applied + 1} must come first")
+
+
 class SequenceStore:
     """In-memory sequences keyed by (model, sequence id); bounded in number and forgotten after an idle timeout.
 
@@ -126,6 +139,11 @@ class SequenceStore:
         if step.control.start:
             return Turn(None, sequence.version, 1, "")
         self._refuse_if_broken(step)
+        try:
+            check_step(step, sequence.step, sequence.last_request)
+        except FailedPrecondition:
+            self._resolve(step)
+            raise
         return Turn(sequence.state, sequence.version, sequence.step + 1, sequence.last_request)
 
     async def _wait_turn(self, step: Step) -> None:
