@@ -193,6 +193,7 @@ async def start_server(settings: ServerSettings, metrics: Metrics | None = None)
                 else health_pb2.HealthCheckResponse.NOT_SERVING))
 
         sequences.on_health = on_health
+        metrics.sequence_store = sequences
         await health_servicer.set(STORE_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING)
         await sequences.check()
     running = RunningServer(settings, repository, scheduler, server, health_servicer, port, metrics_port, executor,

@@ -30,7 +30,6 @@ from lstm_onnx.protocol.errors import (
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
-    ServerError,
     Unavailable,
 )
 
@@ -133,14 +132,18 @@ class RedisSequenceStore(SequenceStore):
         self.name = redact(url)
         self.prefix = prefix
         password = password if password is not None else os.environ.get(PASSWORD_ENV) or None
-        self.redis = aioredis.from_url(url, password=password, socket_connect_timeout=CONNECT_TIMEOUT_S,
-                                       socket_timeout=REPLY_TIMEOUT_S, retry=Retry(NoBackoff(), 0))
+        options = dict(password=password, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=REPLY_TIMEOUT_S,
+                       retry=Retry(NoBackoff(), 0))
         # No retries: a compare-and-set sent again after a lost reply would find its own write and report it lost.
+        self.redis = aioredis.from_url(url, **options)  # health checks, script loading, counts
+        # Steps go over one connection of their own, one pipeline in flight at a time: what queues while one is
+        # in flight goes in the next (as the batcher merges runs), and no pool is consulted per command.
+        self._connection = aioredis.ConnectionPool.from_url(url, **options).make_connection()
+        self._writer: asyncio.Task | None = None
         self._live_key = f"{prefix}live"
         self._incarnations = f"{prefix}incarnations"
         self._sha: dict[str, str] = {}
-        self._queued: list[tuple[Callable, asyncio.Future]] = []
-        self._flushing = False
+        self._queued: list[tuple[tuple, asyncio.Future]] = []
         self.healthy: bool | None = None  # None until the first check
         self.on_health: Callable[[bool], None] | None = None
         # The store's own counters: round trips to Redis, commands sent, and commands per round trip.
@@ -168,7 +171,7 @@ class RedisSequenceStore(SequenceStore):
             return Turn(None, None, 1, "")
         self._refuse_if_broken(step)
         try:
-            values = await self._send(lambda pipe: pipe.hmget(self.redis_key(step), *FIELDS))
+            values = await self._send(("HMGET", self.redis_key(step), *FIELDS))
             inc, version, number, last, broken, blob = values
             if inc is None:
                 raise InvalidArgument(f"sequence {step.control.id!r} for model '{step.sequence.key[0]}' version "
@@ -195,7 +198,7 @@ class RedisSequenceStore(SequenceStore):
                 b"" if step.control.end else encode_state(state), step.request_id, ttl_ms, self.max_sequences,
                 turn.step)
         keys = (self.redis_key(step), self._live_key, self._incarnations)
-        done = asyncio.ensure_future(self._send(lambda pipe: self._script(pipe, "commit", keys, args)))
+        done = asyncio.ensure_future(self._send(("EVALSHA", "commit", len(keys), *keys, *args)))
         done.add_done_callback(lambda f: self._after_commit(step, turn, f))
         reply = await asyncio.shield(done)
         self._raise_refusal(step, turn, reply)
@@ -208,7 +211,7 @@ class RedisSequenceStore(SequenceStore):
             what = f"step (request {step.request_id!r}) {reason}"
             inc, version = step.seen
             keys = (self.redis_key(step),)
-            task = asyncio.ensure_future(self._send(lambda pipe: self._script(pipe, "abandon", keys, (inc, version, what))))
+            task = asyncio.ensure_future(self._send(("EVALSHA", "abandon", len(keys), *keys, inc, version, what)))
             task.add_done_callback(lambda f: f.cancelled() or f.exception())  # best effort: logged by _send
 
     # -- local log ----------------------------------------------------------------------------------------------
@@ -266,32 +269,36 @@ class RedisSequenceStore(SequenceStore):
 
     # -- Redis: one pipeline per event-loop turn ----------------------------------------------------------------
 
-    def _script(self, pipe, name: str, keys: tuple, args: tuple) -> None:
-        pipe.evalsha(self._sha[name], len(keys), *keys, *args)
-
-    async def _send(self, add: Callable) -> object:
-        """Queue one command; everything queued in this turn of the event loop goes in one pipeline."""
-        future = asyncio.get_running_loop().create_future()
-        self._queued.append((add, future))
-        if not self._flushing:
-            self._flushing = True
-            asyncio.get_running_loop().call_soon(self._flush)
+    async def _send(self, command: tuple) -> object:
+        """Queue one command; what is queued in this turn of the event loop, or while a pipeline is in flight,
+        goes in one pipeline. EVALSHA names its script ("commit", "abandon")."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queued.append((command, future))
+        if self._writer is None:
+            self._writer = loop.create_task(self._write())
         return await future
 
-    def _flush(self) -> None:
-        queued, self._queued = self._queued, []
-        self._flushing = False
-        asyncio.ensure_future(self._execute(queued))
+    async def _write(self) -> None:
+        try:
+            await asyncio.sleep(0)  # let the rest of this loop turn queue its commands too
+            while self._queued:
+                queued, self._queued = self._queued, []
+                await self._execute(queued)
+        finally:
+            self._writer = None
 
-    async def _execute(self, queued: list[tuple[Callable, asyncio.Future]]) -> None:
+    async def _execute(self, queued: list[tuple[tuple, asyncio.Future]]) -> None:
         try:
             if not self._sha:
                 await self._load_scripts()
-            replies = await self._pipeline(queued)
+            replies = await self._pipeline([c for c, _ in queued])
             if any(isinstance(r, redis_errors.NoScriptError) for r in replies):  # Redis restarted: scripts are gone
                 await self._load_scripts()
-                replies = await self._pipeline(queued)
+                replies = await self._pipeline([c for c, _ in queued])
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            await self._connection.disconnect()
+            self._sha = {}
             self._set_health(False, exc)
             error = Unavailable(f"sequence store {self.name}: unreachable ({type(exc).__name__}: {exc}); sequence "
                                 "requests fail until it is back, stateless ones are served")
@@ -309,19 +316,25 @@ class RedisSequenceStore(SequenceStore):
             if future.done():
                 continue
             if isinstance(reply, Exception):
-                future.set_exception(Unavailable(f"sequence store {self.name}: {reply}") if not isinstance(
-                    reply, ServerError) else reply)
+                future.set_exception(Unavailable(f"sequence store {self.name}: {reply}"))
             else:
                 future.set_result(reply)
 
-    async def _pipeline(self, queued) -> list:
-        pipe = self.redis.pipeline(transaction=False)
-        for add, _ in queued:
-            add(pipe)
+    async def _pipeline(self, commands: list[tuple]) -> list:
+        """One round trip: every command written at once, then every reply read (an error reply in its place)."""
+        commands = [("EVALSHA", self._sha[c[1]], *c[2:]) if c[0] == "EVALSHA" else c for c in commands]
+        connection = self._connection
         self.round_trips += 1
-        self.commands += len(queued)
-        self.pipeline_sizes[len(queued)] += 1
-        return await pipe.execute(raise_on_error=False)
+        self.commands += len(commands)
+        self.pipeline_sizes[len(commands)] += 1
+        await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+        replies = []
+        for _ in commands:
+            try:
+                replies.append(await connection.read_response())
+            except redis_errors.ResponseError as exc:
+                replies.append(exc)
+        return replies
 
     async def _load_scripts(self) -> None:
         self._sha = {"commit": await self.redis.script_load(COMMIT), "abandon": await self.redis.script_load(ABANDON)}
@@ -356,6 +369,7 @@ class RedisSequenceStore(SequenceStore):
         return await self.redis.zcount(self._live_key, now_ms, "+inf")
 
     async def close(self) -> None:
+        await self._connection.disconnect()
         await self.redis.aclose()
 
 
