@@ -198,7 +198,7 @@ class RedisSequenceStore(SequenceStore):
                 b"" if step.control.end else encode_state(state), step.request_id, ttl_ms, self.max_sequences,
                 turn.step)
         keys = (self.redis_key(step), self._live_key, self._incarnations)
-        done = asyncio.ensure_future(self._send(("EVALSHA", "commit", len(keys), *keys, *args)))
+        done = self._send(("EVALSHA", "commit", len(keys), *keys, *args))
         done.add_done_callback(lambda f: self._after_commit(step, turn, f))
         reply = await asyncio.shield(done)
         self._raise_refusal(step, turn, reply)
@@ -211,8 +211,8 @@ class RedisSequenceStore(SequenceStore):
             what = f"step (request {step.request_id!r}) {reason}"
             inc, version = step.seen
             keys = (self.redis_key(step),)
-            task = asyncio.ensure_future(self._send(("EVALSHA", "abandon", len(keys), *keys, inc, version, what)))
-            task.add_done_callback(lambda f: f.cancelled() or f.exception())  # best effort: logged by _send
+            mark = self._send(("EVALSHA", "abandon", len(keys), *keys, inc, version, what))
+            mark.add_done_callback(lambda f: f.cancelled() or f.exception())  # best effort: a failure is logged
 
     # -- local log ----------------------------------------------------------------------------------------------
 
@@ -269,15 +269,16 @@ class RedisSequenceStore(SequenceStore):
 
     # -- Redis: one pipeline per event-loop turn ----------------------------------------------------------------
 
-    async def _send(self, command: tuple) -> object:
-        """Queue one command; what is queued in this turn of the event loop, or while a pipeline is in flight,
-        goes in one pipeline. EVALSHA names its script ("commit", "abandon")."""
+    def _send(self, command: tuple) -> asyncio.Future:
+        """Queue one command, for its reply; what is queued in this turn of the event loop, or while a pipeline is
+        in flight, goes in one pipeline. EVALSHA names its script ("commit", "abandon"). A future, not a task:
+        no task per command."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queued.append((command, future))
         if self._writer is None:
             self._writer = loop.create_task(self._write())
-        return await future
+        return future
 
     async def _write(self) -> None:
         try:

@@ -49,8 +49,8 @@ class ServerSettings:
     sequence_idle_timeout_s: float = _setting(60.0, "a sequence with no request for this long is forgotten, when "
                                               "config.pbtxt has no sequence_batching (its idle timeout wins)")
     max_sequences: int = _setting(1024, "most live sequences over all models in one server process (per worker "
-                                  "with --workers: a connection's sequences live on its worker); a new one beyond "
-                                  "it is refused")
+                                  "with --workers: a connection's sequences live on its worker; with a redis:// "
+                                  "sequence store, over all replicas together); a new one beyond it is refused")
     sequence_store: str = _setting("memory", "where sequence state lives: memory (this process) or "
                                    "redis://HOST:PORT/DB, rediss:// for TLS (password from env "
                                    "LSTM_ONNX_SEQUENCE_STORE_PASSWORD): shared by replicas and workers, survives "
