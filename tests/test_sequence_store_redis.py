@@ -15,8 +15,8 @@ def _start(repo, store: str, **overrides):
     from lstm_onnx.server.app import BackgroundServer
     from lstm_onnx.server.settings import ServerSettings
 
-    return BackgroundServer(ServerSettings(model_repository=str(repo), grpc_port=0, metrics_port=-1, http_port=-1,
-                                           sequence_store=store, **overrides))
+    settings = dict(model_repository=str(repo), grpc_port=0, metrics_port=-1, http_port=-1, sequence_store=store)
+    return BackgroundServer(ServerSettings(**{**settings, **overrides}))
 
 
 def _control(sid, start=False, end=False):
@@ -238,3 +238,19 @@ def test_redis_down_fails_sequences_with_unavailable_serves_stateless_and_recove
         client.infer("tiny_lstm", {"input": x}, sequence=_control(2, start=True))
         client.infer("tiny_lstm", {"input": x}, sequence=_control(2, end=True))
     assert redis_server.keys() == []
+
+
+def test_store_counters_are_on_the_metrics_port(tiny_repository, redis_server):
+    from bench.sequence_store import scrape
+    from lstm_onnx.client.client import InferenceClient
+
+    x = sample_input(1, 2)
+    with _start(tiny_repository, redis_server.url, metrics_port=0) as srv, InferenceClient(srv.url) as client:
+        before = scrape(srv.running.metrics_port)
+        for i in range(3):
+            client.infer("tiny_lstm", {"input": x}, sequence=_control(3, start=i == 0, end=i == 2))
+        after = scrape(srv.running.metrics_port)
+    # Three steps: a start (one compare-and-set), two continuations (a read and a compare-and-set each).
+    assert after["lstm_onnx_sequence_store_commands"] - before["lstm_onnx_sequence_store_commands"] == 5
+    assert after["lstm_onnx_sequence_store_round_trips"] - before["lstm_onnx_sequence_store_round_trips"] == 5
+    assert after["nv_inference_exec_count"] - before["nv_inference_exec_count"] == 3
