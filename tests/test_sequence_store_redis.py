@@ -254,3 +254,15 @@ def test_store_counters_are_on_the_metrics_port(tiny_repository, redis_server):
     assert after["lstm_onnx_sequence_store_commands"] - before["lstm_onnx_sequence_store_commands"] == 5
     assert after["lstm_onnx_sequence_store_round_trips"] - before["lstm_onnx_sequence_store_round_trips"] == 5
     assert after["nv_inference_exec_count"] - before["nv_inference_exec_count"] == 3
+
+
+def test_a_missing_redis_server_skips_saying_why_but_fails_in_ci(monkeypatch):
+    import redis_server
+
+    monkeypatch.setattr(redis_server.shutil, "which", lambda name: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        redis_server.require_redis_server()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="apt-get install -y redis-server"):
+        redis_server.require_redis_server()
