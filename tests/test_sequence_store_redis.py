@@ -45,6 +45,18 @@ def test_state_encoding_round_trips_and_a_short_value_names_the_tensor():
         decode_state(encode_state(state)[:-4])
 
 
+def test_commands_are_encoded_as_redis_py_encodes_them():
+    from redis.asyncio.connection import Connection
+
+    from lstm_onnx.server.redis_store import encode_command
+
+    packer = Connection()
+    for command in [("HMGET", "lstm-onnx:seq:m:1:i5", "inc", "v"),
+                    ("EVALSHA", "ab12", 3, "k1", "k2", "k3", 1, 0, b"\x00\xff\r\n", "req-7", 60000, 1024, 5),
+                    ("EVALSHA", "ab12", 1, "k", "", "", "st\u00e9p 2 failed")]:
+        assert encode_command(command) == b"".join(packer.pack_command(*command)), command
+
+
 def test_password_is_left_out_of_the_store_name():
     from lstm_onnx.server.redis_store import redact
 
