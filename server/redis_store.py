@@ -11,6 +11,7 @@ merged batch, the reads of requests that arrived together) go to Redis in one pi
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -50,10 +51,11 @@ REPLY_TIMEOUT_S = 2.0
 COMMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local cur = redis.call('HMGET', KEYS[1], 'inc', 'v', 'step', 'last', 'broken')
 local inc, v
 if ARGV[1] == '1' then
+  -- Only a start needs the count: expired entries leave the live set here, not at every step.
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
   if not cur[1] and redis.call('ZSCORE', KEYS[2], KEYS[1]) == false then
     local live = redis.call('ZCARD', KEYS[2])
     if live >= tonumber(ARGV[8]) then return {'full', tostring(live)} end
@@ -92,10 +94,22 @@ return 1
 FIELDS = ("inc", "v", "step", "last", "broken", "state")
 
 
+@functools.lru_cache(maxsize=256)
+def _header(layout: tuple) -> bytes:
+    header = json.dumps([[n, dtype, list(shape)] for n, dtype, shape in layout]).encode()
+    return struct.pack("<I", len(header)) + header
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(header: bytes) -> list:
+    return json.loads(header)
+
+
 def encode_state(state: State) -> bytes:
-    """State tensors as one value: a little-endian u32 header length, a JSON header [name, dtype, shape], raw bytes."""
-    header = json.dumps([[n, a.dtype.str, list(a.shape)] for n, a in state.items()]).encode()
-    return struct.pack("<I", len(header)) + header + b"".join(np.ascontiguousarray(a).tobytes() for a in state.values())
+    """State tensors as one value: a little-endian u32 header length, a JSON header [name, dtype, shape], raw bytes.
+    Headers are cached per layout: a model's state has one."""
+    header = _header(tuple((n, a.dtype.str, a.shape) for n, a in state.items()))
+    return header + b"".join(np.ascontiguousarray(a).tobytes() for a in state.values())
 
 
 def decode_state(blob: bytes) -> State:
@@ -103,7 +117,7 @@ def decode_state(blob: bytes) -> State:
     (length,) = struct.unpack_from("<I", blob)
     offset = 4 + length
     state: State = {}
-    for name, dtype, shape in json.loads(blob[4:offset]):
+    for name, dtype, shape in _layout(bytes(blob[4:offset])):
         size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         if offset + size > len(blob):
             raise ValueError(f"state '{name}': value holds {len(blob) - offset} bytes, expected {size}")

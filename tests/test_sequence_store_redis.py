@@ -278,3 +278,23 @@ def test_a_missing_redis_server_skips_saying_why_but_fails_in_ci(monkeypatch):
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="apt-get install -y redis-server"):
         redis_server.require_redis_server()
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_a_request_naming_its_step_is_never_applied_twice(tiny_repository, redis_server, store):
+    from lstm_onnx.client.client import ClientError, InferenceClient
+    from lstm_onnx.protocol.codec import SequenceControl
+    from lstm_onnx.protocol.rest_codec import decode_sequence_json
+
+    assert decode_sequence_json({"sequence_id": 4, "sequence_step": 2}) == SequenceControl(4, step=2)
+    x = sample_input(1, 3)
+    with _start(tiny_repository, redis_server.url if store == "redis" else "memory") as srv, \
+            InferenceClient(srv.url) as client:
+        client.infer("tiny_lstm", {"input": x}, sequence=SequenceControl(4, start=True, step=1))
+        client.infer("tiny_lstm", {"input": x}, sequence=SequenceControl(4, step=2))
+        with pytest.raises(ClientError) as info:  # the same step again: a retry after a lost answer
+            client.infer("tiny_lstm", {"input": x}, sequence=SequenceControl(4, step=2))
+        assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION and "already applied" in str(info.value)
+        with pytest.raises(ClientError, match="step 3 must come first"):
+            client.infer("tiny_lstm", {"input": x}, sequence=SequenceControl(4, step=4))
+        client.infer("tiny_lstm", {"input": x}, sequence=SequenceControl(4, end=True, step=3))  # the log went on
