@@ -43,6 +43,7 @@ PREFIX = "lstm-onnx:"
 # Redis being down must fail a request in about a second, not hang it: these bound every connect and reply.
 CONNECT_TIMEOUT_S = 1.0
 REPLY_TIMEOUT_S = 2.0
+PIPELINES = 4  # connections to Redis for steps, each with at most one pipeline in flight
 
 # KEYS: sequence key, live set, incarnation counter.
 # ARGV: start (1/0), end (1/0), expected incarnation, expected version, state, request id, ttl ms, max live, step.
@@ -161,10 +162,13 @@ class RedisSequenceStore(SequenceStore):
                        retry=Retry(NoBackoff(), 0))
         # No retries: a compare-and-set sent again after a lost reply would find its own write and report it lost.
         self.redis = aioredis.from_url(url, **options)  # health checks, script loading, counts
-        # Steps go over one connection of their own, one pipeline in flight at a time: what queues while one is
-        # in flight goes in the next (as the batcher merges runs), and no pool is consulted per command.
-        self._connection = aioredis.ConnectionPool.from_url(url, **options).make_connection()
-        self._writer: asyncio.Task | None = None
+        # Steps go over a few connections of their own, one pipeline in flight on each: what queues meanwhile goes
+        # in the next (as the batcher merges runs), so a read need not wait behind a batch's compare-and-sets, and
+        # no pool is consulted per command.
+        pool = aioredis.ConnectionPool.from_url(url, **options)
+        self._connections = [pool.make_connection() for _ in range(PIPELINES)]
+        self._idle = list(self._connections)
+        self._starting = False  # a writer is scheduled and has not taken the queue yet
         self._live_key = f"{prefix}live"
         self._incarnations = f"{prefix}incarnations"
         self._sha: dict[str, str] = {}
@@ -301,29 +305,35 @@ class RedisSequenceStore(SequenceStore):
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queued.append((command, future))
-        if self._writer is None:
-            self._writer = loop.create_task(self._write())
+        if self._idle and not self._starting:
+            self._starting = True
+            loop.create_task(self._write(self._idle.pop()))
         return future
 
-    async def _write(self) -> None:
+    async def _write(self, connection) -> None:
         try:
             await asyncio.sleep(0)  # let the rest of this loop turn queue its commands too
+            self._starting = False
             while self._queued:
                 queued, self._queued = self._queued, []
-                await self._execute(queued)
+                await self._execute(connection, queued)
         finally:
-            self._writer = None
+            self._starting = False
+            self._idle.append(connection)
+        if self._queued and not self._starting:  # queued after this writer's last look
+            self._starting = True
+            asyncio.get_running_loop().create_task(self._write(self._idle.pop()))
 
-    async def _execute(self, queued: list[tuple[tuple, asyncio.Future]]) -> None:
+    async def _execute(self, connection, queued: list[tuple[tuple, asyncio.Future]]) -> None:
         try:
             if not self._sha:
                 await self._load_scripts()
-            replies = await self._pipeline([c for c, _ in queued])
+            replies = await self._pipeline(connection, [c for c, _ in queued])
             if any(isinstance(r, redis_errors.NoScriptError) for r in replies):  # Redis restarted: scripts are gone
                 await self._load_scripts()
-                replies = await self._pipeline([c for c, _ in queued])
+                replies = await self._pipeline(connection, [c for c, _ in queued])
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-            await self._connection.disconnect()
+            await connection.disconnect()
             self._sha = {}
             self._set_health(False, exc)
             error = Unavailable(f"sequence store {self.name}: unreachable ({type(exc).__name__}: {exc}); sequence "
@@ -346,10 +356,9 @@ class RedisSequenceStore(SequenceStore):
             else:
                 future.set_result(reply)
 
-    async def _pipeline(self, commands: list[tuple]) -> list:
+    async def _pipeline(self, connection, commands: list[tuple]) -> list:
         """One round trip: every command written at once, then every reply read (an error reply in its place)."""
         commands = [("EVALSHA", self._sha[c[1]], *c[2:]) if c[0] == "EVALSHA" else c for c in commands]
-        connection = self._connection
         self.round_trips += 1
         self.commands += len(commands)
         self.pipeline_sizes[len(commands)] += 1
@@ -395,7 +404,8 @@ class RedisSequenceStore(SequenceStore):
         return await self.redis.zcount(self._live_key, now_ms, "+inf")
 
     async def close(self) -> None:
-        await self._connection.disconnect()
+        for connection in self._connections:
+            await connection.disconnect()
         await self.redis.aclose()
 
 
