@@ -30,9 +30,10 @@ def require_redis_server() -> str:
 class RedisServer:
     """`redis-server --port N --save '' --appendonly no`; stop() and start() again keep the port (a restart)."""
 
-    def __init__(self, binary: str, port: int | None = None):
+    def __init__(self, binary: str, port: int | None = None, *extra: str):
         self.binary = binary
         self.port = port or free_port()
+        self.extra = extra  # more redis-server flags (--requirepass ...)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -41,13 +42,14 @@ class RedisServer:
 
     def start(self) -> "RedisServer":
         self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                      "--appendonly", "no", *self.extra], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):  # up (a password-protected one says NOAUTH)
                         return self
             except OSError:
                 time.sleep(0.02)

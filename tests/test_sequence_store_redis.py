@@ -298,3 +298,30 @@ def test_a_request_naming_its_step_is_never_applied_twice(tiny_repository, redis
         with pytest.raises(ClientError, match="step 3 must come first"):
             client.infer("tiny_lstm", {"input": x}, sequence=SequenceControl(4, step=4))
         client.infer("tiny_lstm", {"input": x}, sequence=SequenceControl(4, end=True, step=3))  # the log went on
+
+
+def test_the_password_comes_from_the_environment_and_a_wrong_one_is_unavailable(monkeypatch):
+    from redis_server import RedisServer, require_redis_server
+
+    from lstm_onnx.protocol.errors import Unavailable
+    from lstm_onnx.server.redis_store import PASSWORD_ENV
+
+    server = RedisServer(require_redis_server(), None, "--requirepass", "s3cret").start()
+    try:
+        async def step(expect_ok: bool):
+            store = _store(server.url)
+            start = store.reserve("m", _control(1, start=True), "", 1)
+            turn = await store.turn(start)
+            if expect_ok:
+                await store.commit(start, turn, STATE)
+            else:
+                with pytest.raises(Unavailable, match=f"sequence store {server.url}: unreachable"):
+                    await store.commit(start, turn, STATE)
+            await store.close()
+
+        monkeypatch.setenv(PASSWORD_ENV, "s3cret")
+        asyncio.run(step(True))
+        monkeypatch.setenv(PASSWORD_ENV, "wrong")
+        asyncio.run(step(False))
+    finally:
+        server.stop()
