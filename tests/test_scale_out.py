@@ -153,7 +153,7 @@ def _run_sequence(urls: list[str], sid: int, x: np.ndarray, current: list[int], 
                     break
                 except StepError as exc:
                     if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-                        current[0] = (current[0] + 1) % len(urls)  # the client's own failover
+                        current[0] = (urls.index(url) + 1) % len(urls)  # the client's own failover: away from it
                         time.sleep(0.05)
                         continue
                     if exc.code == grpc.StatusCode.FAILED_PRECONDITION and "already applied" in str(exc):
@@ -196,6 +196,7 @@ def test_kill_9_of_one_replica_in_the_middle_of_32_sequences_loses_and_duplicate
         np.testing.assert_allclose(output, _whole(b.url, inputs[sid]), atol=1e-5, rtol=0, err_msg=f"sequence {sid}")
         assert len(set(answers)) == len(answers) and len(answers) + skipped == CHUNKS  # none duplicated
         assert answers[-1] == CHUNKS
+    assert current == [1]  # every client moved to B
     assert redis_server.keys() == []
 
 
