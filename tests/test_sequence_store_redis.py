@@ -36,7 +36,7 @@ def test_settings_accept_memory_and_redis_urls_and_refuse_others():
 
 
 def test_state_encoding_round_trips_and_a_short_value_names_the_tensor():
-    from lstm_onnx.server.redis_store import decode_state, encode_state
+    from lstm_onnx.server.redis_wire import decode_state, encode_state
 
     state = {"hn": np.arange(16, dtype=np.float32).reshape(2, 1, 8), "cn": np.ones((2, 1, 8), np.float32)}
     back = decode_state(encode_state(state))
@@ -48,7 +48,7 @@ def test_state_encoding_round_trips_and_a_short_value_names_the_tensor():
 def test_commands_are_encoded_as_redis_py_encodes_them():
     from redis.asyncio.connection import Connection
 
-    from lstm_onnx.server.redis_store import encode_command
+    from lstm_onnx.server.redis_wire import encode_command
 
     packer = Connection()
     for command in [("HMGET", "lstm-onnx:seq:m:1:i5", "inc", "v"),
@@ -58,7 +58,7 @@ def test_commands_are_encoded_as_redis_py_encodes_them():
 
 
 def test_password_is_left_out_of_the_store_name():
-    from lstm_onnx.server.redis_store import redact
+    from lstm_onnx.server.redis_wire import redact
 
     assert redact("rediss://user:secret@host:6380/1") == "rediss://user:***@host:6380/1"
     assert redact("redis://host:6379/0") == "redis://host:6379/0"
