@@ -23,6 +23,7 @@ from .handlers import add_inference_servicer
 from .http_site import HttpLimits, HttpSite, ssl_context
 from .memory import fix_mmap_threshold
 from .metrics import Metrics, start_metrics_server
+from .redis_store import open_store
 from .repository import Repository
 from .rest import RestApi
 from .runtime import RuntimeOptions
@@ -35,6 +36,7 @@ log = logging.getLogger("lstm_onnx.server")
 
 QUIET_S = 0.25  # on drain, how long no request must arrive before the port closes (bounded by the grace period)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+STORE_HEALTH = "lstm_onnx.SequenceStore"  # health service name that reports the shared sequence store (Redis)
 
 
 @dataclass
@@ -80,6 +82,8 @@ class RunningServer:
             await self.http_server.close(max(0.0, deadline - time.monotonic()))
         for task in self._tasks:
             task.cancel()
+        if hasattr(self.scheduler.sequences, "close"):
+            await self.scheduler.sequences.close()
         if self.metrics_server is not None:
             await self.metrics_server.close(0.0)
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -135,9 +139,13 @@ async def start_server(settings: ServerSettings, metrics: Metrics | None = None)
         if any(v.runtime is not None and getattr(v.runtime, "provider", "cpu") == "cuda"
                for e in repository.models.values() for v in e.versions.values()):
             metrics.enable_gpu()
-        sequences = SequenceStore(settings.max_sequences, settings.sequence_idle_timeout_s,
-                                  idle_timeouts=repository.sequence_idle_timeouts(),
-                                  max_per_client=settings.sequences_per_client)
+        sequences = open_store(settings.sequence_store, settings.max_sequences, settings.sequence_idle_timeout_s,
+                               idle_timeouts=repository.sequence_idle_timeouts(),
+                               max_per_client=settings.sequences_per_client)
+        if settings.sequence_store != "memory" and settings.tls_client_ca:
+            log.warning("the redis sequence store does not enforce sequence ownership or per-client shares yet "
+                        "(the memory store does): any authenticated client can address any sequence id",
+                        extra={"fields": {"sequence_store": sequences.name}})
         admission = AdmissionLimits(settings.max_queued_requests_per_model, settings.max_queued_requests,
                                     settings.max_queued_bytes_per_model, settings.max_queued_bytes)
         scheduler = Scheduler(repository, executor, metrics, sequences, settings.request_timeout_s, admission)
@@ -188,6 +196,18 @@ async def start_server(settings: ServerSettings, metrics: Metrics | None = None)
     status = health_pb2.HealthCheckResponse.SERVING if repository.ready else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, status)
+    if hasattr(sequences, "check"):
+        # The shared store's state under a health service of its own: stateless requests go on while it is down,
+        # so the server's own status (what readiness probes ask) does not follow it.
+        def on_health(up: bool) -> None:
+            asyncio.get_running_loop().create_task(health_servicer.set(
+                STORE_HEALTH, health_pb2.HealthCheckResponse.SERVING if up
+                else health_pb2.HealthCheckResponse.NOT_SERVING))
+
+        sequences.on_health = on_health
+        metrics.sequence_store = sequences
+        await health_servicer.set(STORE_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await sequences.check()
     running = RunningServer(settings, repository, scheduler, server, health_servicer, port, metrics_port, executor,
                             servicer, metrics_server, http_server)
     running._tasks.append(asyncio.get_running_loop().create_task(_evict_forever(sequences)))
@@ -288,6 +308,8 @@ async def _evict_forever(sequences: SequenceStore) -> None:
     while True:
         await asyncio.sleep(period)
         sequences.evict_idle()
+        if hasattr(sequences, "check"):  # Redis: the store's health, and a reconnect when it is back
+            await sequences.check()
 
 
 async def serve(settings: ServerSettings) -> None:

@@ -58,6 +58,7 @@ class Metrics:
         self._gpu = False
         self.worker = worker  # with --workers: this process's index
         self.worker_restarts = worker_restarts  # times the parent restarted this worker's slot after it died
+        self.sequence_store = None  # the shared store (Redis), whose own counters are served too; None: memory
 
     def enable_gpu(self) -> None:
         """Add Triton's GPU families (a model runs on CUDA)."""
@@ -165,6 +166,21 @@ class TritonCollector:
                                            "after it died", labels=("worker",))
             restarts.add_metric((str(self.metrics.worker),), self.metrics.worker_restarts)
             yield restarts
+        store = self.metrics.sequence_store
+        if store is not None:
+            labels = ("store",)
+            for name, help_text, value in (
+                    ("lstm_onnx_sequence_store_round_trips", "Round trips to the sequence store (one pipeline "
+                     "each)", store.round_trips),
+                    ("lstm_onnx_sequence_store_commands", "Commands sent to the sequence store (reads, "
+                     "compare-and-sets, abandon marks)", store.commands)):
+                family = CounterMetricFamily(name, help_text, labels=labels)
+                family.add_metric((store.name,), value)
+                yield family
+            up = GaugeMetricFamily("lstm_onnx_sequence_store_up", "1 while the sequence store answered its last "
+                                   "command, else 0", labels=labels)
+            up.add_metric((store.name,), 1 if store.healthy else 0)
+            yield up
         for name, kind, help_text, value in FAMILIES:
             family_type = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             family = family_type(name, help_text, labels=("model", "version"))

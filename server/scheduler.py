@@ -214,7 +214,7 @@ class Scheduler:
             full = self._with_zero_state(runtime, inputs, rows)
             outputs, timing = await batcher.infer(full, rows)
             return {n: outputs[n] for n in names}, timing, rows, None
-        step = self.sequences.reserve(runtime.name, sequence, request_id, client)
+        step = self.sequences.reserve(runtime.name, sequence, request_id, client, resolved.version)
         try:
             turn = await self.sequences.turn(step)  # refusals resolve the step themselves
         except asyncio.CancelledError:
@@ -241,8 +241,9 @@ class Scheduler:
         except BaseException as exc:
             self.sequences.abandon(step, f"failed ({type(exc).__name__})")
             raise
-        # No await between the run's end and the commit: a step is either applied and answered, or abandoned.
-        self.sequences.commit(step, turn, {pair.output: outputs[pair.output] for pair in runtime.state})
+        # The memory store's commit never suspends: a step is either applied and answered, or abandoned. The Redis
+        # store's is one compare-and-set that a cancellation does not interrupt (it resolves the step itself).
+        await self.sequences.commit(step, turn, {pair.output: outputs[pair.output] for pair in runtime.state})
         return {n: outputs[n] for n in names}, timing, rows, turn
 
     @staticmethod

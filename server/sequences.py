@@ -66,6 +66,7 @@ class Step:
     place: int
     control: SequenceControl
     request_id: str
+    seen: tuple | None = None  # a shared store's (incarnation, version) that this step's turn read
 
 
 @dataclass(frozen=True)
@@ -78,12 +79,27 @@ class Turn:
     previous_id: str  # request id of the step whose state this one continues ("" for a sequence_start)
 
 
+def check_step(step: Step, applied: int, last_request: str) -> None:
+    """Refuse a request that names its step number (`sequence_step`) when the sequence is not one step before it."""
+    want = step.control.step
+    if not want or want == applied + 1:
+        return
+    if want <= applied:
+        raise FailedPrecondition(f"sequence {step.control.id!r}: this request is step {want} (sequence_step), which "
+                                 f"is already applied (the last applied is step {applied}, request {last_request!r}); "
+                                 "it is not applied twice")
+    raise FailedPrecondition(f"sequence {step.control.id!r}: this request is step {want} (sequence_step), but the "
+                             f"last applied is step {applied}; step {applied + 1} must come first")
+
+
 class SequenceStore:
     """In-memory sequences keyed by (model, sequence id); bounded in number and forgotten after an idle timeout.
 
     Aborted sequences are kept (not counted as live, at most max_sequences of them) until they idle out, so a
     client continuing one hears why it was aborted rather than "unknown".
     """
+
+    name = "memory"  # what errors, logs and health call this store
 
     def __init__(self, max_sequences: int, idle_timeout_s: float, clock: Callable[[], float] = time.monotonic,
                  idle_timeouts: dict[str, float] | None = None, max_per_client: int = 0):
@@ -102,9 +118,13 @@ class SequenceStore:
         """Whether (model, sequence id) is held: live, or aborted and not yet idled out."""
         return key in self._live
 
-    def reserve(self, model: str, control: SequenceControl, request_id: str = "", client: Client = ANONYMOUS) -> Step:
+    def reserve(self, model: str, control: SequenceControl, request_id: str = "", client: Client = ANONYMOUS,
+                version: int = 0) -> Step:
         """A place at the end of the sequence's log; refuses an id never started, a new id beyond the limit or
-        the client's share, and a sequence another authenticated identity started."""
+        the client's share, and a sequence another authenticated identity started.
+
+        `version`: the model version that runs the step (the Redis store keys on it; one process's memory does not).
+        """
         self.evict_idle()
         key = (model, control.id)
         sequence = self._live.get(key)
@@ -137,6 +157,19 @@ class SequenceStore:
         FailedPrecondition when the sequence was ended before its turn, Aborted when an earlier step was
         abandoned. A sequence_start always runs, on zeros. Cancelled while waiting: the caller must `abandon`.
         """
+        await self._wait_turn(step)
+        sequence = step.sequence
+        if step.control.start:
+            return Turn(None, sequence.version, 1, "")
+        self._refuse_if_broken(step)
+        try:
+            check_step(step, sequence.step, sequence.last_request)
+        except FailedPrecondition:
+            self._resolve(step)
+            raise
+        return Turn(sequence.state, sequence.version, sequence.step + 1, sequence.last_request)
+
+    async def _wait_turn(self, step: Step) -> None:
         sequence = step.sequence
         if sequence.resolved < step.place - 1:
             waiter = asyncio.get_running_loop().create_future()
@@ -147,8 +180,10 @@ class SequenceStore:
                 sequence.waiters.pop(step.place, None)
         if sequence.resolved != step.place - 1:
             raise Internal(f"sequence {step.control.id!r}: place {step.place} woken with {sequence.resolved} resolved")
-        if step.control.start:
-            return Turn(None, sequence.version, 1, "")
+
+    def _refuse_if_broken(self, step: Step) -> None:
+        """Resolve the step as refused, and raise, when the local log says it cannot run (aborted, or ended)."""
+        sequence = step.sequence
         if sequence.broken:
             self._resolve(step)
             raise Aborted(f"sequence {step.control.id!r}: {sequence.broken}; this request would run on the state "
@@ -157,10 +192,12 @@ class SequenceStore:
             self._resolve(step)
             raise FailedPrecondition(f"sequence {step.control.id!r}: ended by {sequence.ended} (sequence_end) before "
                                      "this request's turn; start it again with sequence_start")
-        return Turn(sequence.state, sequence.version, sequence.step + 1, sequence.last_request)
 
-    def commit(self, step: Step, turn: Turn, state: State) -> None:
-        """Apply the step: compare-and-set on the version the turn saw; the step leaves `state` for the next."""
+    async def commit(self, step: Step, turn: Turn, state: State) -> None:
+        """Apply the step: compare-and-set on the version the turn saw; the step leaves `state` for the next.
+
+        Never suspends here (in memory), so a step is either applied and answered, or abandoned.
+        """
         sequence = step.sequence
         if sequence.resolved != step.place - 1 or sequence.version != turn.version:
             raise Internal(f"sequence {step.control.id!r}: commit of place {step.place} at version {turn.version} "

@@ -63,8 +63,8 @@ class ServerSettings:
     sequence_idle_timeout_s: float = _setting(60.0, "a sequence with no request for this long is forgotten, when "
                                               "config.pbtxt has no sequence_batching (its idle timeout wins)")
     max_sequences: int = _setting(1024, "most live sequences over all models in one server process (per worker "
-                                  "with --workers: a connection's sequences live on its worker); a new one beyond "
-                                  "it is refused")
+                                  "with --workers: a connection's sequences live on its worker; with a redis:// "
+                                  "sequence store, over all replicas together); a new one beyond it is refused")
     max_sequences_per_client: int = _setting(0, "most live sequences one client may hold (a client: its TLS "
                                              "certificate's identity, else its IP address), so one client cannot "
                                              "hold every slot; 0 means a quarter of max_sequences (per worker)")
@@ -78,6 +78,10 @@ class ServerSettings:
                                                "(per worker); one more is refused with RESOURCE_EXHAUSTED (REST 429)")
     max_queued_bytes: int = _setting(1 << 30, "most request bytes held at once over all models, waiting or running "
                                      "(per worker); one more is refused with RESOURCE_EXHAUSTED (REST 429)")
+    sequence_store: str = _setting("memory", "where sequence state lives: memory (this process) or "
+                                   "redis://HOST:PORT/DB, rediss:// for TLS (password from env "
+                                   "LSTM_ONNX_SEQUENCE_STORE_PASSWORD): shared by replicas and workers, survives "
+                                   "restarts; see docs/scale-out.md")
     request_timeout_s: float = _setting(60.0, "longest one request may spend in the server (queue and run) before it "
                                         "gets DEADLINE_EXCEEDED; 0 means no limit")
     max_concurrent_streams: int = _setting(256, "most ModelStreamInfer streams open at once in one server process "
@@ -145,6 +149,9 @@ class ServerSettings:
             if not 0 <= getattr(self, name) <= getattr(self, total):
                 raise ValueError(f"{name}: got {getattr(self, name)}, expected 0..{getattr(self, total)} "
                                  f"({total}; 0 means a quarter of it)")
+        if self.sequence_store != "memory" and not self.sequence_store.startswith(("redis://", "rediss://")):
+            raise ValueError(f"sequence_store: got {self.sequence_store!r}, expected memory, redis://HOST:PORT/DB "
+                             "or rediss://HOST:PORT/DB")
         if self.request_timeout_s < 0:
             raise ValueError(f"request_timeout_s: got {self.request_timeout_s}, expected 0 (no limit) or more")
         for name in ("executor_threads", "max_run_memory_bytes", "max_message_bytes", "max_model_bytes",

@@ -75,3 +75,13 @@ def triton(server):
     client = tc.InferenceServerClient(server.url)
     yield client
     client.close()
+
+
+@pytest.fixture
+def redis_server():
+    """A fresh redis-server on a free loopback port, stopped after the test (skips without the binary, not in CI)."""
+    from redis_server import RedisServer, require_redis_server
+
+    server = RedisServer(require_redis_server()).start()
+    yield server
+    server.stop()

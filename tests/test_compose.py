@@ -34,7 +34,9 @@ def test_services_images_and_dockerfiles(compose):
     assert {"pipeline", "server", "server-gpu"} <= set(services)
     assert services["server-gpu"]["profiles"] == ["gpu"]
     for service in services.values():
-        assert (ROOT / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
+        if "build" in service:  # ours; redis is the published image
+            assert (ROOT / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
+    assert services["redis"]["image"].startswith("redis:")
     server_docker = (ROOT / services["server"]["build"]["dockerfile"]).read_text()
     assert '".[serve,${EXTRA}]"' in server_docker and "train" not in server_docker.split("RUN", 1)[1].split("\n")[0]
     assert '".[train,cpu]"' in (ROOT / services["pipeline"]["build"]["dockerfile"]).read_text()
@@ -42,8 +44,9 @@ def test_services_images_and_dockerfiles(compose):
     assert services["server-gpu"]["build"]["args"]["EXTRA"] == "gpu"
     devices = services["server-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
-    for name in ("server", "server-gpu"):
+    for name in ("server", "server-2", "server-gpu"):
         assert "healthcheck" in services[name]
+    assert services["server-2"]["image"] == services["server"]["image"]
 
 
 def test_every_command_parses_with_the_real_cli(compose):
@@ -52,6 +55,8 @@ def test_every_command_parses_with_the_real_cli(compose):
     parser = build_parser()
     seen = set()
     for service in compose["services"].values():
+        if "build" not in service:
+            continue  # not our image (redis)
         for argv in _commands(service):
             assert argv[0] == "lstm-onnx"
             args = parser.parse_args(argv[1:])  # SystemExit (a failure) on an unknown command or flag
@@ -64,7 +69,7 @@ def test_env_vars_are_real_settings_and_ports_match_defaults(compose):
 
     defaults = ServerSettings()
     names = {env_name(f.name) for f in dataclasses.fields(ServerSettings)}
-    for name in ("server", "server-gpu"):
+    for name in ("server", "server-2", "server-gpu"):
         service = compose["services"][name]
         env = service["environment"]
         assert set(env) <= names, set(env) - names
@@ -77,6 +82,23 @@ def test_env_vars_are_real_settings_and_ports_match_defaults(compose):
         assert "127.0.0.1:8001" in " ".join(service["healthcheck"]["test"])
         repo = env["LSTM_ONNX_MODEL_REPOSITORY"]
         assert f"models:{repo}:ro" in service["volumes"]
+
+
+def test_two_replicas_share_sequences_through_the_redis_service(compose):
+    from lstm_onnx.server.settings import ServerSettings
+
+    services = compose["services"]
+    command = services["redis"]["command"]
+    port = int(command[command.index("--port") + 1])
+    assert command[command.index("--save") + 1] == "" and command[command.index("--appendonly") + 1] == "no"
+    published = set()
+    for name in ("server", "server-2"):
+        env = services[name]["environment"]
+        store = ServerSettings(model_repository="/models", sequence_store=env["LSTM_ONNX_SEQUENCE_STORE"]).validate()
+        assert store.sequence_store == f"redis://redis:{port}/0"
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+        published |= {p.rsplit(":", 1)[0] for p in services[name]["ports"]}
+    assert len(published) == 6  # the two replicas publish different host ports
 
 
 def test_pipeline_writes_where_the_server_reads(compose):

@@ -19,6 +19,10 @@ class SequenceControl:
     id: int | str
     start: bool = False
     end: bool = False
+    # The step number this request must be (request parameter `sequence_step`, as answers carry it; 1 = the
+    # start), 0 for any: a client retrying on another replica after a lost answer sends it, so that a step the
+    # first replica applied before it died is refused (FAILED_PRECONDITION) instead of applied twice.
+    step: int = 0
 
 
 # Longest string sequence_id, in UTF-8 bytes: a live sequence keeps its id, so an uncapped one is memory any client
@@ -120,7 +124,14 @@ def decode_sequence(parameters) -> SequenceControl | None:
         check_sequence_id(seq_id, "parameter 'sequence_id'")
     else:
         raise InvalidArgument(f"parameter 'sequence_id': got {kind}, expected int64_param or string_param")
-    return SequenceControl(seq_id, _bool_param(parameters, "sequence_start"), _bool_param(parameters, "sequence_end"))
+    step = 0
+    if "sequence_step" in parameters:
+        if parameters["sequence_step"].WhichOneof("parameter_choice") != "int64_param":
+            raise InvalidArgument(f"parameter 'sequence_step': got "
+                                  f"{parameters['sequence_step'].WhichOneof('parameter_choice')}, expected int64_param")
+        step = parameters["sequence_step"].int64_param
+    return SequenceControl(seq_id, _bool_param(parameters, "sequence_start"), _bool_param(parameters, "sequence_end"),
+                           step)
 
 
 def _bool_param(parameters, name: str) -> bool:
@@ -191,4 +202,6 @@ def encode_request(model: str, inputs: dict[str, np.ndarray], version: str = "",
             request.parameters["sequence_id"].int64_param = sequence.id
         request.parameters["sequence_start"].bool_param = sequence.start
         request.parameters["sequence_end"].bool_param = sequence.end
+        if sequence.step:
+            request.parameters["sequence_step"].int64_param = sequence.step
     return request

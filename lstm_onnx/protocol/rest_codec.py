@@ -235,7 +235,10 @@ def decode_sequence_json(parameters: dict) -> SequenceControl | None:
         check_sequence_id(seq_id, "parameters.sequence_id")
     else:
         raise InvalidArgument(f"parameters.sequence_id: got {_kind(seq_id)}, expected an integer or a string")
-    return SequenceControl(seq_id, start, end)
+    step = parameters.get("sequence_step", 0)
+    if type(step) is not int or step < 0:
+        raise InvalidArgument(f"parameters.sequence_step: got {step!r}, expected a step number (1 = the start)")
+    return SequenceControl(seq_id, start, end, step)
 
 
 def _object(value: object, where: str) -> dict:
@@ -308,6 +311,8 @@ def encode_infer_request(inputs: dict[str, np.ndarray], outputs: list[str] | Non
     parameters: dict = {"binary_data_output": binary}
     if sequence is not None:
         parameters.update(sequence_id=sequence.id, sequence_start=sequence.start, sequence_end=sequence.end)
+        if sequence.step:
+            parameters["sequence_step"] = sequence.step
     request: dict = {"inputs": tensors, "parameters": parameters}
     if request_id:
         request["id"] = request_id
