@@ -214,7 +214,7 @@ class Scheduler:
             full = self._with_zero_state(runtime, inputs, rows)
             outputs, timing = await batcher.infer(full, rows)
             return {n: outputs[n] for n in names}, timing, rows, None
-        step = self.sequences.reserve(runtime.name, sequence, request_id, client, resolved.version)
+        step = self.sequences.reserve(runtime.name, sequence, request_id, client, version=resolved.version)
         try:
             turn = await self.sequences.turn(step)  # refusals resolve the step themselves
         except asyncio.CancelledError:

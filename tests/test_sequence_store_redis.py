@@ -119,11 +119,11 @@ def test_two_stores_racing_on_one_step_exactly_one_wins_and_the_loser_hears_why(
 
     async def race():
         a, b = _store(redis_server.url), _store(redis_server.url)
-        start = a.reserve("m", _control(42, start=True), "s", 1)
+        start = a.reserve("m", _control(42, start=True), "s", version=1)
         await a.commit(start, await a.turn(start), STATE)
         winners = []
         for n in range(3):
-            steps = [(store, store.reserve("m", _control(42), f"{name}{n}", 1)) for store, name in ((a, "a"), (b, "b"))]
+            steps = [(store, store.reserve("m", _control(42), f"{name}{n}", version=1)) for store, name in ((a, "a"), (b, "b"))]
             turns = [await store.turn(step) for store, step in steps]  # both read the same version
             assert turns[0].step == turns[1].step == n + 2
             results = await asyncio.gather(*(store.commit(step, turn, {k: v + n + 1 + i for k, v in STATE.items()})
@@ -135,7 +135,7 @@ def test_two_stores_racing_on_one_step_exactly_one_wins_and_the_loser_hears_why(
             assert "sequence 42 advanced elsewhere" in str(lost[0])
             winners.append((won[0], n))
         assert len(a) == len(b) == 0  # nothing in flight is left behind in either process
-        check = b.reserve("m", _control(42), "check", 1)
+        check = b.reserve("m", _control(42), "check", version=1)
         turn = await b.turn(check)
         last_winner, n = winners[-1]
         assert turn.step == 5 and np.all(turn.state["hn"] == n + 1 + last_winner)  # the winner's state, whole
@@ -151,15 +151,15 @@ def test_live_bound_holds_across_stores_and_end_frees_a_place(redis_server):
     async def fill():
         a, b = _store(redis_server.url, 2), _store(redis_server.url, 2)
         for store, sid in ((a, 1), (b, 2)):
-            step = store.reserve("m", _control(sid, start=True), "", 1)
+            step = store.reserve("m", _control(sid, start=True), "", version=1)
             await store.commit(step, await store.turn(step), STATE)
-        step = b.reserve("m", _control(3, start=True), "", 1)
+        step = b.reserve("m", _control(3, start=True), "", version=1)
         with pytest.raises(ResourceExhausted, match="2 sequences are live in the sequence store redis:"):
             await b.commit(step, await b.turn(step), STATE)
         assert await a.live_count() == 2
-        end = a.reserve("m", _control(1, end=True), "", 1)
+        end = a.reserve("m", _control(1, end=True), "", version=1)
         await a.commit(end, await a.turn(end), STATE)
-        step = b.reserve("m", _control(3, start=True), "", 1)
+        step = b.reserve("m", _control(3, start=True), "", version=1)
         await b.commit(step, await b.turn(step), STATE)
         assert await b.live_count() == 2
         await a.close()
@@ -174,13 +174,13 @@ def test_an_abandoned_step_aborts_the_sequence_on_every_replica(redis_server):
 
     async def abandon():
         a, b = _store(redis_server.url), _store(redis_server.url)
-        start = a.reserve("m", _control(7, start=True), "s", 1)
+        start = a.reserve("m", _control(7, start=True), "s", version=1)
         await a.commit(start, await a.turn(start), STATE)
-        step = a.reserve("m", _control(7), "cancelled-one", 1)
+        step = a.reserve("m", _control(7), "cancelled-one", version=1)
         await a.turn(step)
         a.abandon(step, "was cancelled (its call ended) before it was applied")
         await asyncio.sleep(0.2)  # the mark is written in the background
-        other = b.reserve("m", _control(7), "next", 1)
+        other = b.reserve("m", _control(7), "next", version=1)
         with pytest.raises(Aborted, match="cancelled-one"):
             await b.turn(other)
         await a.close()
@@ -192,12 +192,12 @@ def test_an_abandoned_step_aborts_the_sequence_on_every_replica(redis_server):
 def test_merged_batch_commits_its_sequences_in_one_round_trip(redis_server):
     async def batch():
         store = _store(redis_server.url)
-        steps = [store.reserve("m", _control(i, start=True), "", 1) for i in range(16)]
+        steps = [store.reserve("m", _control(i, start=True), "", version=1) for i in range(16)]
         turns = [await store.turn(s) for s in steps]
         before = store.round_trips
         await asyncio.gather(*(store.commit(s, t, STATE) for s, t in zip(steps, turns)))
         assert store.round_trips - before == 1 and store.pipeline_sizes[16] == 1
-        steps = [store.reserve("m", _control(i), "", 1) for i in range(16)]
+        steps = [store.reserve("m", _control(i), "", version=1) for i in range(16)]
         before = store.round_trips
         await asyncio.gather(*(store.turn(s) for s in steps))
         assert store.round_trips - before == 1
@@ -298,7 +298,7 @@ def test_the_password_comes_from_the_environment_and_a_wrong_one_is_unavailable(
     try:
         async def step(expect_ok: bool):
             store = _store(server.url)
-            start = store.reserve("m", _control(1, start=True), "", 1)
+            start = store.reserve("m", _control(1, start=True), "", version=1)
             turn = await store.turn(start)
             if expect_ok:
                 await store.commit(start, turn, STATE)
