@@ -143,8 +143,8 @@ async def start_server(settings: ServerSettings, metrics: Metrics | None = None)
                                idle_timeouts=repository.sequence_idle_timeouts(),
                                max_per_client=settings.sequences_per_client)
         if settings.sequence_store != "memory" and settings.tls_client_ca:
-            log.warning("the redis sequence store does not enforce sequence ownership or per-client shares yet "
-                        "(the memory store does): any authenticated client can address any sequence id",
+            log.warning("the redis sequence store does not enforce the per-client share of sequences yet (the "
+                        "memory store does); ownership is enforced",
                         extra={"fields": {"sequence_store": sequences.name}})
         admission = AdmissionLimits(settings.max_queued_requests_per_model, settings.max_queued_requests,
                                     settings.max_queued_bytes_per_model, settings.max_queued_bytes)

@@ -25,6 +25,7 @@ from lstm_onnx.protocol.errors import (
     Aborted,
     FailedPrecondition,
     InvalidArgument,
+    PermissionDenied,
     ResourceExhausted,
     Unavailable,
 )
@@ -78,15 +79,17 @@ class RedisSequenceStore(SequenceStore):
     def reserve(self, model: str, control, request_id: str = "", client=None, version: int = 0) -> Step:
         """A place in this process's log of the sequence; whether the id is known is Redis's to say, at its turn.
 
-        Not enforced here (yet): the per-client share and the owner identity, which the memory store checks;
-        docs/scale-out.md says so, and the server logs it at start when mutual TLS is on."""
+        The owner identity is kept in Redis with the state and checked there (every replica agrees); the
+        per-client share is not enforced here (yet): docs/scale-out.md says so."""
         key = (model, version, control.id)
         sequence = self._live.get(key)
         if sequence is None:
             sequence = self._live[key] = Sequence(key)
         sequence.issued += 1
         sequence.last_used = self._clock()
-        return Step(sequence, sequence.issued, control, request_id)
+        step = Step(sequence, sequence.issued, control, request_id)
+        step.owner = client.identity if client is not None else ""
+        return step
 
     async def turn(self, step: Step) -> Turn:
         """Wait for the earlier local steps, then read the sequence's state and version from Redis (not for a start)."""
@@ -97,7 +100,11 @@ class RedisSequenceStore(SequenceStore):
         self._refuse_if_broken(step)
         try:
             values = await self._send(("HMGET", self.redis_key(step), *FIELDS))
-            inc, version, number, last, broken, blob = values
+            inc, version, number, last, broken, blob, owner = values
+            if owner and owner.decode() != step.owner:
+                raise PermissionDenied(f"sequence {step.control.id!r} for model '{step.sequence.key[0]}': started by "
+                                       f"another client identity, so this one ({step.owner or 'unauthenticated'!r}) "
+                                       "may not continue, read or end it")
             if inc is None:
                 raise InvalidArgument(f"sequence {step.control.id!r} for model '{step.sequence.key[0]}' version "
                                       f"{step.sequence.key[1]}: unknown in the sequence store {self.name} (never "
@@ -121,7 +128,7 @@ class RedisSequenceStore(SequenceStore):
         inc, version = step.seen
         args = (int(step.control.start), int(step.control.end), inc, version,
                 b"" if step.control.end else encode_state(state), step.request_id, ttl_ms, self.max_sequences,
-                turn.step)
+                turn.step, step.owner)
         keys = (self.redis_key(step), self._live_key, self._incarnations)
         done = self._send(("EVALSHA", "commit", len(keys), *keys, *args))
         done.add_done_callback(lambda f: self._after_commit(step, turn, f))
@@ -165,6 +172,9 @@ class RedisSequenceStore(SequenceStore):
             raise ResourceExhausted(f"sequence {sid!r}: {rest[0]} sequences are live in the sequence store {self.name} "
                                     f"(all replicas), the limit is {self.max_sequences} (max_sequences); end or let "
                                     "some expire first")
+        if what == "owner":
+            raise PermissionDenied(f"sequence {sid!r}: started by another client identity, so this one "
+                                   f"({step.owner or 'unauthenticated'!r}) may not continue, restart or end it")
         if what == "gone":
             raise FailedPrecondition(f"sequence {sid!r}: ended or expired elsewhere while this step ran (it is no "
                                      f"longer in the sequence store {self.name}); its result is discarded; start it "

@@ -14,14 +14,17 @@ import numpy as np
 State = dict[str, np.ndarray]
 
 # KEYS: sequence key, live set, incarnation counter.
-# ARGV: start (1/0), end (1/0), expected incarnation, expected version, state, request id, ttl ms, max live, step.
+# ARGV: start (1/0), end (1/0), expected incarnation, expected version, state, request id, ttl ms, max live, step,
+# owner (the certificate identity of the step's client, '' without mutual TLS).
 # Returns {'ok', incarnation, version} or a refusal: {'full', live}, {'gone'}, {'moved', step, request},
-# {'broken', reason}. Atomic: a step is written whole or not at all.
+# {'broken', reason}, {'owner'}. Atomic: a step is written whole or not at all. A sequence started by an
+# identity belongs to it: a step of another identity (a restart too) is refused, on every replica.
 COMMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local cur = redis.call('HMGET', KEYS[1], 'inc', 'v', 'step', 'last', 'broken')
+local cur = redis.call('HMGET', KEYS[1], 'inc', 'v', 'step', 'last', 'broken', 'owner')
 local inc, v
+if cur[6] and cur[6] ~= '' and cur[6] ~= ARGV[10] then return {'owner'} end
 if ARGV[1] == '1' then
   -- Only a start needs the count: expired entries leave the live set here, not at every step.
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
@@ -44,7 +47,7 @@ if ARGV[2] == '1' then
   return {'ok', inc, tostring(v)}
 end
 redis.call('HSET', KEYS[1], 'inc', inc, 'v', tostring(v), 'step', ARGV[9], 'last', ARGV[6], 'state', ARGV[5],
-           'broken', '')
+           'broken', '', 'owner', ARGV[10])
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[7]), KEYS[1])
 return {'ok', inc, tostring(v)}
@@ -60,7 +63,7 @@ redis.call('HSET', KEYS[1], 'broken', ARGV[3], 'v', tostring(tonumber(cur[2]) + 
 return 1
 """
 
-FIELDS = ("inc", "v", "step", "last", "broken", "state")
+FIELDS = ("inc", "v", "step", "last", "broken", "state", "owner")
 
 
 @functools.lru_cache(maxsize=256)

@@ -313,3 +313,32 @@ def test_the_password_comes_from_the_environment_and_a_wrong_one_is_unavailable(
         asyncio.run(step(False))
     finally:
         server.stop()
+
+
+def test_a_sequence_belongs_to_the_identity_that_started_it_on_every_replica(redis_server):
+    """Under mutual TLS the owner is kept in Redis with the state: another identity is refused on any replica,
+    whether it continues (which would read hn/cn), restarts or ends the sequence; the owner goes on."""
+    from lstm_onnx.protocol.errors import PermissionDenied
+    from lstm_onnx.server.clients import Client
+
+    alice, mallory = Client("10.0.0.1", "alice"), Client("10.0.0.2", "mallory")
+
+    async def go():
+        a, b = _store(redis_server.url), _store(redis_server.url)
+        start = a.reserve("m", _control(9, start=True), "s", alice, version=1)
+        await a.commit(start, await a.turn(start), STATE)
+        for control in (_control(9), _control(9, end=True)):
+            step = b.reserve("m", control, "m1", mallory, version=1)
+            with pytest.raises(PermissionDenied, match="another client identity"):
+                await b.turn(step)
+        restart = b.reserve("m", _control(9, start=True), "m2", mallory, version=1)
+        with pytest.raises(PermissionDenied, match="another client identity"):
+            await b.commit(restart, await b.turn(restart), {k: v + 5 for k, v in STATE.items()})
+        step = b.reserve("m", _control(9), "a2", alice, version=1)  # the owner, on the other replica
+        turn = await b.turn(step)
+        assert turn.step == 2 and all(np.array_equal(turn.state[k], STATE[k]) for k in STATE)
+        await b.commit(step, turn, STATE)
+        await a.close()
+        await b.close()
+
+    asyncio.run(go())
