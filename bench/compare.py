@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from bench.models import DEFAULT_MODEL, DEFAULT_TIME, build_repository
-from bench.processes import ROOT, ChildServer, serving_pattern
+from bench.processes import ROOT, ChildServer, serving_pattern, start_model_server
 from bench.suite import _levels_async, _without_batching
 from lstm_onnx.client import loadgen
 
@@ -38,6 +38,8 @@ def start_server_from(tree: Path, repository: Path, flags: list[str]) -> ChildSe
     sys.path when run as a script. A newer tree is installed (no deps) into its own folder, which then
     leads PYTHONPATH, so its packages win over this checkout's editable install.
     """
+    if tree.resolve() == ROOT.resolve():  # this checkout: its own install (a cached copy would go stale)
+        return start_model_server(repository, *flags)
     tail = ["serve", "--model-repository", str(repository), "--grpc-port", "0",
             "--metrics-port", "-1", "--http-port", "-1", *flags]
     if (tree / "lstm_onnx.py").is_file():
