@@ -74,6 +74,21 @@ def test_audit_refuses_symlinked_external_file(tmp_path):
     assert errors and all("symlink" in e for e in errors)
 
 
+@pytest.mark.parametrize("target", ["outside", "inside"])
+def test_audit_refuses_a_symlinked_folder_in_the_middle_of_the_location(tmp_path, target):
+    """A symlink anywhere on the way is refused, even one that stays inside the folder (it can be swapped)."""
+    path = _external_model(tmp_path / "m")
+    real = tmp_path / "elsewhere" if target == "outside" else tmp_path / "m" / "real"
+    real.mkdir()
+    (tmp_path / "m" / "weights.bin").rename(real / "weights.bin")
+    (tmp_path / "m" / "data").symlink_to(real, target_is_directory=True)
+    _edit_external(path, location="data/weights.bin")
+    errors = _external_errors(path)
+    assert errors and all("goes through a symlink ('data')" in e for e in errors), errors
+    proc = run_cli("audit", str(path))
+    assert proc.returncode == 1 and "EXTERNAL_DATA" in proc.stderr
+
+
 def test_audit_refuses_hard_linked_external_file(tmp_path):
     path = _external_model(tmp_path / "m")
     os.link(tmp_path / "m" / "weights.bin", tmp_path / "elsewhere.bin")
