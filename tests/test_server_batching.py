@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ def test_concurrent_requests_are_merged_and_answers_match_single_runs(tiny_repos
                 calls = [stub.ModelInfer(encode_request("tiny_lstm", {"input": x})) for x in inputs]
                 return [decode_response(r) for r in await asyncio.gather(*calls)]
 
-        with _executor_held(srv, 0.5):
+        with _executor_held(srv, len(inputs)):
             together = asyncio.run(fire())
         counters = srv.running.scheduler.metrics.counters("tiny_lstm", "1")
     for got, want in zip(together, alone):
@@ -94,18 +95,29 @@ def _alone_in_original_file(path, x, h0=None, c0=None):
 
 
 @contextlib.contextmanager
-def _executor_held(srv, seconds: float):
-    """Occupy the server's (one-thread) executor for `seconds`: a tiny model runs faster than requests arrive,
-    so without this whether any two requests merge depends on timing."""
-    release = threading.Event()
+def _executor_held(srv, in_flight: int):
+    """Occupy the server's (one-thread) executor until `in_flight` requests are on the server: a tiny model runs
+    faster than requests arrive, so without this whether any two requests merge depends on timing."""
+    release, arrived = threading.Event(), threading.Event()
     srv.running.executor.submit(release.wait, 30)
-    timer = threading.Timer(seconds, release.set)
-    timer.start()
+
+    def watch():
+        deadline = time.monotonic() + 30
+        while not release.is_set() and time.monotonic() < deadline:
+            if srv.running.scheduler.in_flight >= in_flight:
+                arrived.set()
+                break
+            time.sleep(0.001)
+        release.set()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     try:
         yield
     finally:
+        watcher.join(30)
         release.set()
-        timer.cancel()
+    assert arrived.is_set(), f"never {in_flight} requests in flight behind the held executor"
 
 
 def _fire(url, requests):
@@ -135,7 +147,7 @@ def test_mixed_length_requests_merge_and_each_equals_its_run_alone(tiny_reposito
                 for i, t in enumerate(times) for model in ("tiny_lstm", "tiny_gru")]
     with BackgroundServer(settings) as srv:
         assert srv.running.repository.resolve("tiny_lstm").runtime.ragged is not None
-        with _executor_held(srv, 0.5):  # the model is busy, so the requests queue and merge
+        with _executor_held(srv, len(requests)):  # the model is busy, so the requests queue and merge
             together = _fire(srv.url, requests)
         counters = srv.running.scheduler.metrics.counters("tiny_lstm", "1")
     for (model, inputs), got in zip(requests, together):
@@ -195,7 +207,7 @@ def test_sequences_in_a_ragged_batch_carry_exact_state(tiny_repository):
                                                            sid))
 
         threads = [threading.Thread(target=stream, args=(sid,)) for sid in sequences]
-        with _executor_held(srv, 1.0):  # the first chunks of all four (T 3, 5, 8, 2) queue and merge
+        with _executor_held(srv, len(sequences)):  # the first chunks of all four (T 3, 5, 8, 2) queue and merge
             for t in threads:
                 t.start()
             for t in threads:
@@ -315,8 +327,6 @@ def test_requests_with_different_batch_keys_never_share_a_run(tmp_path):
 
 
 def _wait_until(condition, what: str, timeout: float = 30) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, what

@@ -135,6 +135,7 @@ def test_sequence_id_on_a_stateless_model_is_refused(tmp_path):
 
 def test_bidirectional_model_takes_a_sequence_only_whole(make_run_dir, tmp_path):
     from lstm_onnx.client.client import ClientError, InferenceClient
+    from lstm_onnx.client.loadgen import reference_outputs
     from lstm_onnx.export.repository import export_to_repository
     from lstm_onnx.server.sequences import SequenceControl
 
@@ -148,7 +149,9 @@ def test_bidirectional_model_takes_a_sequence_only_whole(make_run_dir, tmp_path)
             client.infer("bi", {"input": x[:, :4]}, sequence=SequenceControl(8, start=True))
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert "bidirectional" in str(info.value)
-        assert client.infer("bi", {"input": x})["output"].shape == (1, 4)
+        np.testing.assert_array_equal(client.infer("bi", {"input": x})["output"], whole["output"])
+    want = reference_outputs(tmp_path / "bi" / "1" / "model.onnx", {"input": x})["output"]
+    np.testing.assert_allclose(whole["output"], want, atol=1e-6, rtol=0)
 
 
 # --- Races: a step runs on exactly its predecessor's state, or is refused with the reason -----------------------
