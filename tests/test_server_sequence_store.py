@@ -105,6 +105,7 @@ def test_a_step_waits_for_its_turn_and_runs_on_the_state_its_predecessor_left():
 
     turn = asyncio.run(go())
     assert (turn.step, turn.previous_id, turn.version) == (3, "b", 2)
+    assert store._live[("m", 1)].waiters == {}  # a woken step leaves no waiter behind
     np.testing.assert_array_equal(turn.state["hn"], _state(5.0)["hn"])
 
 
@@ -198,9 +199,9 @@ def test_idle_sequences_are_evicted_after_their_models_timeout_but_not_while_bus
     asyncio.run(_finish(store, fast))
     clock.now += 2.5
     assert store.evict_idle() == [("fast", 1)]
-    clock.now += 2.4
-    assert store.evict_idle() == []  # "m": 9.9 s since its last step
-    clock.now += 0.2
+    clock.now += 2.5
+    assert store.evict_idle() == []  # "m": exactly its 10 s since its last step, not more
+    clock.now += 0.1
     assert store.evict_idle() == [("m", 1)] and len(store) == 0
 
 
@@ -220,7 +221,34 @@ def test_aborted_sequences_are_bounded_oldest_first():
         clock.now += 1
         asyncio.run(go())
 
-    abort(1)
-    assert ("m", 1) in store and len(store) == 0
     abort(2)
-    assert ("m", 1) not in store and ("m", 2) in store  # only max_sequences aborted ones are kept
+    assert ("m", 2) in store and len(store) == 0
+    abort(1)
+    assert ("m", 2) not in store and ("m", 1) in store  # only max_sequences aborted ones, the latest, are kept
+
+
+def test_bounding_aborted_sequences_never_drops_a_live_one():
+    store, clock = _store(max_sequences=2)
+    _apply(store, SequenceControl("live", start=True), "a", 1.0)  # idle, and older than the aborted ones
+
+    async def abort(sequence_id):
+        clock.now += 1
+        step = store.reserve("m", SequenceControl(sequence_id, start=True), "s")
+        await store.turn(step)
+        store.abandon(step, "failed")
+
+    asyncio.run(abort("dead1"))
+    asyncio.run(abort("dead2"))
+    assert ("m", "live") in store and len(store) == 1
+    assert ("m", "dead1") in store and ("m", "dead2") in store
+
+
+def test_request_id_defaults_to_empty():
+    store, _ = _store()
+
+    async def go():
+        step = store.reserve("m", SequenceControl(1, start=True))
+        store.commit(step, await store.turn(step), _state(1.0))
+        return await store.turn(store.reserve("m", SequenceControl(1)))
+
+    assert asyncio.run(go()).previous_id == ""
