@@ -252,3 +252,15 @@ def test_request_id_defaults_to_empty():
         return await store.turn(store.reserve("m", SequenceControl(1)))
 
     assert asyncio.run(go()).previous_id == ""
+
+
+def test_eviction_is_logged_with_its_counts(caplog):
+    store, clock = _store(idle=1.0)
+    _apply(store, SequenceControl(1, start=True), "a", 1.0)
+    _apply(store, SequenceControl(2, start=True), "b", 1.0)
+    clock.now += 2
+    with caplog.at_level("INFO", logger="lstm_onnx.server"):
+        store.evict_idle()
+        store.evict_idle()  # nothing left to evict: nothing logged
+    (record,) = [r for r in caplog.records if r.name == "lstm_onnx.server"]
+    assert (record.getMessage(), record.fields) == ("sequences evicted", {"count": 2, "live": 0})
