@@ -34,7 +34,7 @@ protos: setup
 # not part of `make test`. MODULES="lstm_onnx/protocol/errors.py ..." narrows it.
 mutation: setup
 	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q -e ".[mutation]"
-	$(PY) mutation/run.py $(MODULES)
+	$(PY) tests/mutation/run.py $(MODULES)
 
 reliability: setup
 	PYTHONPATH=tests $(PY) -m reliability

@@ -2,7 +2,7 @@
 
 mutmut runs tests against a copy of the package in `mutants/`, found by import path; our folders map onto the
 `lstm_onnx` namespace (setuptools package-dir), so the copy is staged in the installed layout first
-(build/mutation/lstm_onnx/server/... for server/...). Usage: python mutation/run.py [module ...] (default: all).
+(build/mutation/lstm_onnx/server/... for server/...). Usage: python tests/mutation/run.py [module ...] (default: all).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STAGE = ROOT / "build" / "mutation"
 FOLDERS = {"model": "model", "export": "export", "server": "server", "protos": "protos"}  # pyproject package-dir
 FAST = ["-p", "no:cacheprovider", "-x", "-q"]
