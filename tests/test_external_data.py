@@ -204,3 +204,12 @@ def test_external_reader_refuses_each_bad_reference_with_its_reason(tmp_path, en
     with pytest.raises(ExternalDataError) as caught:
         read_external_bytes(tensor, tmp_path / "m")
     assert str(caught.value) == message
+
+
+def test_external_reader_sizes_packed_4_bit_tensors():
+    from lstm_onnx.export.audit.external import expected_nbytes
+
+    for data_type, dims, want in ((onnx.TensorProto.INT4, [3], 2), (onnx.TensorProto.INT4, [4], 2),
+                                  (onnx.TensorProto.UINT4, [2, 2], 2),
+                                  (onnx.TensorProto.INT8, [3], 3), (onnx.TensorProto.FLOAT, [3], 12)):
+        assert expected_nbytes(onnx.TensorProto(data_type=data_type, dims=dims)) == want, data_type
