@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(ORT_EXTRA)
 # protobuf<7 and brings kubernetes, fastapi and pandas, none of which our extras should carry.
 KSERVE_VENV ?= $(or $(LSTM_ONNX_KSERVE_VENV),/tmp/kserve-venv)
 
-.PHONY: setup demo test protos reliability bench clean kserve-venv
+.PHONY: setup demo test protos reliability bench clean kserve-venv mutation
 
 setup: $(STAMP)
 
@@ -30,6 +30,12 @@ test: setup
 protos: setup
 	$(PY) -m lstm_onnx.protos.generate
 
+# Mutation testing of the critical modules (docs/testing.md), one module at a time with the tests that cover it;
+# not part of `make test`. MODULES="lstm_onnx/protocol/errors.py ..." narrows it.
+mutation: setup
+	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q -e ".[mutation]"
+	$(PY) tests/mutation/run.py $(MODULES)
+
 reliability: setup
 	PYTHONPATH=tests $(PY) -m reliability
 
@@ -41,4 +47,4 @@ kserve-venv:
 	$(KSERVE_VENV)/bin/python -m pip install -q "kserve==0.21.0"
 
 clean:
-	rm -rf $(VENV) demo runs
+	rm -rf $(VENV) demo runs build/mutation

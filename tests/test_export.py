@@ -199,3 +199,32 @@ def test_verify_rejects_corrupt_model_and_unavailable_provider(tiny_run_dir, tmp
         export_to_repository(tiny_run_dir, tmp_path, name="m")
         result = _cli("verify", str(tmp_path / "m" / "1" / "model.onnx"), "--checkpoint", str(tiny_run_dir), "--provider", "cuda")
         assert result.returncode == 2 and "CUDAExecutionProvider is not available" in result.stderr
+
+
+def _move_head_bias(src: Path, dst: Path, delta: float) -> Path:
+    """A copy of the exported model with one element of the head bias moved by `delta` (nothing else touched)."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    (bias,) = [t for t in model.graph.initializer if t.name == "head.bias"]
+    moved = numpy_helper.to_array(bias).copy()
+    moved[0] += np.float32(delta)
+    bias.CopyFrom(numpy_helper.from_array(moved, "head.bias"))
+    onnx.save(model, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("delta, passes", [(1e-4, False), (1e-7, True)], ids=["1e-4-fails", "1e-7-passes"])
+def test_verify_threshold_catches_a_head_bias_moved_by_1e_4_and_not_by_1e_7(tiny_run_dir, tmp_path, delta, passes):
+    """The parity threshold pinned: atol/rtol 1e-5 must see 1e-4 on one output and let FP32 rounding through."""
+    export_to_repository(tiny_run_dir, tmp_path, name="m")
+    moved = _move_head_bias(tmp_path / "m" / "1" / "model.onnx", tmp_path / "moved.onnx", delta)
+    result = _cli("verify", str(moved), "--checkpoint", str(tiny_run_dir), "--provider", "cpu", "--json")
+    report = json.loads(result.stdout)
+    assert (result.returncode, report["passed"]) == ((0, True) if passes else (1, False)), result.stderr
+    needed = report["parity"]["atol_needed"]["output"]
+    if passes:
+        assert needed < 1e-5, f"a 1e-7 bias move needed atol {needed:.2e}"
+    else:
+        assert report["parity"]["cases_failed"] == report["parity"]["cases_run"]  # every case reads the head
+        assert 0.5e-4 < needed < 2e-4, f"a 1e-4 bias move was measured as {needed:.2e}"

@@ -74,6 +74,21 @@ def test_audit_refuses_symlinked_external_file(tmp_path):
     assert errors and all("symlink" in e for e in errors)
 
 
+@pytest.mark.parametrize("target", ["outside", "inside"])
+def test_audit_refuses_a_symlinked_folder_in_the_middle_of_the_location(tmp_path, target):
+    """A symlink anywhere on the way is refused, even one that stays inside the folder (it can be swapped)."""
+    path = _external_model(tmp_path / "m")
+    real = tmp_path / "elsewhere" if target == "outside" else tmp_path / "m" / "real"
+    real.mkdir()
+    (tmp_path / "m" / "weights.bin").rename(real / "weights.bin")
+    (tmp_path / "m" / "data").symlink_to(real, target_is_directory=True)
+    _edit_external(path, location="data/weights.bin")
+    errors = _external_errors(path)
+    assert errors and all("goes through a symlink ('data')" in e for e in errors), errors
+    proc = run_cli("audit", str(path))
+    assert proc.returncode == 1 and "EXTERNAL_DATA" in proc.stderr
+
+
 def test_audit_refuses_hard_linked_external_file(tmp_path):
     path = _external_model(tmp_path / "m")
     os.link(tmp_path / "m" / "weights.bin", tmp_path / "elsewhere.bin")
@@ -139,3 +154,62 @@ def test_checkpoint_reader_refuses_truncated_and_pickled_files(tmp_path):
     (tmp_path / "pickle").write_bytes(b"\x80\x04K\x01.")
     with pytest.raises(AuditInputError, match="looks like a pickle"):
         read_tensors(tmp_path / "pickle")
+
+
+def _one_tensor(folder: Path, **entries: str) -> onnx.TensorProto:
+    """A float32 [4] tensor whose bytes are 16 bytes at offset 8 of folder/w.bin, with these external_data entries."""
+    folder.mkdir(parents=True, exist_ok=True)
+    values = np.arange(4, dtype="<f4")
+    (folder / "w.bin").write_bytes(b"\xff" * 8 + values.tobytes())
+    tensor = onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT, dims=[4])
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in entries.items():
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+def test_external_reader_reads_exactly_the_declared_bytes(tmp_path):
+    from lstm_onnx.export.audit.external import read_external_bytes, tensor_to_array
+
+    tensor = _one_tensor(tmp_path, location="w.bin", offset="8", length="16")
+    np.testing.assert_array_equal(tensor_to_array(tensor, tmp_path), np.arange(4, dtype=np.float32))
+    inline = onnx.numpy_helper.from_array(np.ones(2, np.float32))
+    np.testing.assert_array_equal(tensor_to_array(inline, tmp_path), np.ones(2, np.float32))
+    (tmp_path / "z.bin").write_bytes(np.arange(4, dtype="<f4").tobytes())
+    for entries in ({"location": "z.bin"}, {"location": "z.bin", "offset": "0"}):  # offset defaults to 0
+        assert read_external_bytes(_one_tensor(tmp_path / "x", **entries), tmp_path) == (tmp_path / "z.bin").read_bytes()
+
+
+@pytest.mark.parametrize("entries, message", [
+    ({}, "tensor 'w': external data has no 'location', expected a file name"),
+    ({"location": "w.bin", "offset": "x"}, "tensor 'w': external offset 'x', expected a non-negative integer"),
+    ({"location": "w.bin", "offset": "-1"}, "tensor 'w': external offset -1, expected a non-negative integer"),
+    ({"location": "w.bin", "length": "-16"}, "tensor 'w': external length -16, expected a non-negative integer"),
+    ({"location": "w.bin", "length": "12"}, "tensor 'w': external length 12 bytes, expected 16 for dims [4]"),
+    ({"location": "w.bin", "offset": "12"}, "tensor 'w': external bytes [12, 28) outside 'w.bin' (24 bytes)"),
+    ({"location": "\\\\server\\w.bin"}, "tensor 'w': external location '\\\\\\\\server\\\\w.bin' is absolute, "
+                                        "expected a path inside the model folder"),
+    ({"location": "C:w.bin"}, "tensor 'w': external location 'C:w.bin' is absolute, expected a path inside the "
+                              "model folder"),
+    ({"location": "sub/../w.bin"}, "tensor 'w': external location 'sub/../w.bin' leaves the model folder"),
+    ({"location": "missing.bin"}, "tensor 'w': cannot open external file 'missing.bin' (No such file or directory)"),
+    ({"location": "sub"}, "tensor 'w': external location 'sub' is not a regular file"),
+])
+def test_external_reader_refuses_each_bad_reference_with_its_reason(tmp_path, entries, message):
+    from lstm_onnx.export.audit.external import ExternalDataError, read_external_bytes
+
+    tensor = _one_tensor(tmp_path / "m", **entries)
+    (tmp_path / "m" / "sub").mkdir()
+    with pytest.raises(ExternalDataError) as caught:
+        read_external_bytes(tensor, tmp_path / "m")
+    assert str(caught.value) == message
+
+
+def test_external_reader_sizes_packed_4_bit_tensors():
+    from lstm_onnx.export.audit.external import expected_nbytes
+
+    for data_type, dims, want in ((onnx.TensorProto.INT4, [3], 2), (onnx.TensorProto.INT4, [4], 2),
+                                  (onnx.TensorProto.UINT4, [2, 2], 2),
+                                  (onnx.TensorProto.INT8, [3], 3), (onnx.TensorProto.FLOAT, [3], 12)):
+        assert expected_nbytes(onnx.TensorProto(data_type=data_type, dims=dims)) == want, data_type

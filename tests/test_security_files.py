@@ -72,6 +72,11 @@ def hostile_repository(tmp_path_factory, tiny_repository):
     _write(repo, "ext_absolute", _add_model(str(root / "secret.bin")).SerializeToString())
     version = _write(repo, "ext_symlink", _add_model("w.bin").SerializeToString())
     os.symlink(root / "secret.bin", version / "w.bin")
+    # A symlinked folder in the middle of the location: every part of the path is checked, not the last only.
+    (root / "outside").mkdir()
+    (root / "outside" / "w.bin").write_bytes(SECRET.tobytes())
+    version = _write(repo, "ext_symlink_dir", _add_model("data/w.bin").SerializeToString())
+    os.symlink(root / "outside", version / "data")
     version = _write(repo, "ext_hardlink", _add_model("w.bin").SerializeToString())
     os.link(root / "secret.bin", version / "w.bin")
     version = _write(repo, "ext_short", _add_model("w.bin").SerializeToString())
@@ -88,7 +93,7 @@ def hostile_repository(tmp_path_factory, tiny_repository):
 
 
 BROKEN = ["corrupt", "truncated", "pickled", "pickled_v0", "ext_parent", "ext_absolute", "ext_symlink",
-          "ext_hardlink", "ext_short", "config_unparsable", "config_unknown_input", "config_wrong_datatype",
+          "ext_symlink_dir", "ext_hardlink", "ext_short", "config_unparsable", "config_unknown_input", "config_wrong_datatype",
           "config_wrong_dims", "config_other_name"]
 
 
@@ -132,7 +137,8 @@ def test_broken_model_is_not_ready_with_a_one_line_reason(hostile_server, name):
 
 
 @pytest.mark.parametrize("name, words", [("ext_parent", "leaves"), ("ext_absolute", "bsolute"),
-                                          ("ext_symlink", "symlink"), ("ext_hardlink", "hard link"),
+                                          ("ext_symlink", "symlink"), ("ext_symlink_dir", "symlink ('data')"),
+                                          ("ext_hardlink", "hard link"),
                                           ("ext_short", "w.bin"), ("config_unknown_input", "features"),
                                           ("config_wrong_datatype", "FP64"), ("config_wrong_dims", "3"),
                                           ("config_unparsable", "config.pbtxt")])
@@ -153,7 +159,8 @@ def test_model_file_check_refuses_external_data_outside_the_folder(hostile_repos
 
     repo, _ = hostile_repository
     check_model_file(repo / "plain_add" / "1" / "model.onnx")
-    for name in ("ext_parent", "ext_absolute", "ext_symlink", "ext_hardlink", "ext_short", "corrupt"):
+    for name in ("ext_parent", "ext_absolute", "ext_symlink", "ext_symlink_dir", "ext_hardlink", "ext_short",
+                 "corrupt"):
         with pytest.raises(ModelFileError) as caught:
             check_model_file(repo / name / "1" / "model.onnx")
         assert str(repo / name) in str(caught.value) and "\n" not in str(caught.value)

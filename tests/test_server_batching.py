@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ def test_concurrent_requests_are_merged_and_answers_match_single_runs(tiny_repos
                 calls = [stub.ModelInfer(encode_request("tiny_lstm", {"input": x})) for x in inputs]
                 return [decode_response(r) for r in await asyncio.gather(*calls)]
 
-        with _executor_held(srv, 0.5):
+        with _executor_held(srv, len(inputs)):
             together = asyncio.run(fire())
         counters = srv.running.scheduler.metrics.counters("tiny_lstm", "1")
     for got, want in zip(together, alone):
@@ -94,18 +95,29 @@ def _alone_in_original_file(path, x, h0=None, c0=None):
 
 
 @contextlib.contextmanager
-def _executor_held(srv, seconds: float):
-    """Occupy the server's (one-thread) executor for `seconds`: a tiny model runs faster than requests arrive,
-    so without this whether any two requests merge depends on timing."""
-    release = threading.Event()
+def _executor_held(srv, in_flight: int):
+    """Occupy the server's (one-thread) executor until `in_flight` requests are on the server: a tiny model runs
+    faster than requests arrive, so without this whether any two requests merge depends on timing."""
+    release, arrived = threading.Event(), threading.Event()
     srv.running.executor.submit(release.wait, 30)
-    timer = threading.Timer(seconds, release.set)
-    timer.start()
+
+    def watch():
+        deadline = time.monotonic() + 30
+        while not release.is_set() and time.monotonic() < deadline:
+            if srv.running.scheduler.in_flight >= in_flight:
+                arrived.set()
+                break
+            time.sleep(0.001)
+        release.set()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     try:
         yield
     finally:
+        watcher.join(30)
         release.set()
-        timer.cancel()
+    assert arrived.is_set(), f"never {in_flight} requests in flight behind the held executor"
 
 
 def _fire(url, requests):
@@ -135,7 +147,7 @@ def test_mixed_length_requests_merge_and_each_equals_its_run_alone(tiny_reposito
                 for i, t in enumerate(times) for model in ("tiny_lstm", "tiny_gru")]
     with BackgroundServer(settings) as srv:
         assert srv.running.repository.resolve("tiny_lstm").runtime.ragged is not None
-        with _executor_held(srv, 0.5):  # the model is busy, so the requests queue and merge
+        with _executor_held(srv, len(requests)):  # the model is busy, so the requests queue and merge
             together = _fire(srv.url, requests)
         counters = srv.running.scheduler.metrics.counters("tiny_lstm", "1")
     for (model, inputs), got in zip(requests, together):
@@ -195,7 +207,7 @@ def test_sequences_in_a_ragged_batch_carry_exact_state(tiny_repository):
                                                            sid))
 
         threads = [threading.Thread(target=stream, args=(sid,)) for sid in sequences]
-        with _executor_held(srv, 1.0):  # the first chunks of all four (T 3, 5, 8, 2) queue and merge
+        with _executor_held(srv, len(sequences)):  # the first chunks of all four (T 3, 5, 8, 2) queue and merge
             for t in threads:
                 t.start()
             for t in threads:
@@ -254,3 +266,68 @@ def test_model_reading_every_step_is_not_rewritten(tmp_path):
                                         trusted=False)
     assert rewritten is not None and plan.time_input == "x"
     assert list(rewritten.graph.node[1].input)[4] == plan.lengths_input
+
+
+def _write_width_model(repo, name: str = "widths") -> None:
+    """x [batch, n] -> y = x, dynamic n, with dynamic batching: requests of different n must never merge."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], name,
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "n"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (repo / name / "1").mkdir(parents=True)
+    onnx.save(model, str(repo / name / "1" / "model.onnx"))
+    (repo / name / "config.pbtxt").write_text(
+        f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
+        'dynamic_batching { max_queue_delay_microseconds: 0 }\n'
+        'input [{ name: "x" data_type: TYPE_FP32 dims: [-1] }]\n'
+        'output [{ name: "y" data_type: TYPE_FP32 dims: [-1] }]\n')
+
+
+def test_requests_with_different_batch_keys_never_share_a_run(tmp_path):
+    """Queued behind a run: two requests of width 3 merge into one run, the width-4 one runs alone; execution
+    counts pinned, since a wrong merge would only show as extra runs (each request re-run alone after it fails)."""
+    import grpc
+
+    from lstm_onnx.protocol.codec import decode_response, encode_request
+    from lstm_onnx.protos import grpc_service_pb2 as pb
+    from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
+    from lstm_onnx.server.app import BackgroundServer
+    from lstm_onnx.server.settings import ServerSettings
+
+    _write_width_model(tmp_path)
+    settings = ServerSettings(model_repository=str(tmp_path), grpc_port=0, metrics_port=-1, http_port=-1,
+                              executor_threads=1)
+    rng = np.random.default_rng(0)
+    first, *queued = [rng.standard_normal((1, n)).astype(np.float32) for n in (3, 3, 4, 3)]
+    with BackgroundServer(settings) as srv, grpc.insecure_channel(srv.url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        scheduler = srv.running.scheduler
+        batcher = scheduler.batcher("widths", srv.running.repository.resolve("widths"))
+        release = threading.Event()
+        srv.running.executor.submit(release.wait, 30)  # the one executor thread: runs start only when released
+        try:
+            calls = [stub.ModelInfer.future(encode_request("widths", {"x": first}), timeout=30)]
+            _wait_until(lambda: scheduler.in_flight == 1, "the first request never arrived")
+            calls += [stub.ModelInfer.future(encode_request("widths", {"x": x}), timeout=30) for x in queued]
+            _wait_until(lambda: len(batcher._queue) == 3, "the other three never queued behind the first")
+        finally:
+            release.set()
+        answers = [decode_response(call.result(30))["y"] for call in calls]
+        stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="widths"), timeout=30).model_stats[0]
+    for got, want in zip(answers, [first, *queued]):
+        np.testing.assert_array_equal(got, want)
+    assert stats.inference_count == 4 and stats.execution_count == 3, (
+        f"got {stats.execution_count} runs for 4 requests, expected 3: the first alone, the two of width 3 "
+        "merged, the one of width 4 alone")
+    assert sorted((b.batch_size, b.compute_infer.count) for b in stats.batch_stats) == [(1, 2), (2, 1)]
+
+
+def _wait_until(condition, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.001)

@@ -9,6 +9,8 @@ import onnxruntime as ort
 import pytest
 from server_models import ONNX_TYPES, build_repository, sample_input
 
+from lstm_onnx.client.loadgen import reference_outputs
+
 
 @pytest.fixture(scope="module")
 def server(tiny_repository, tmp_path_factory):
@@ -145,13 +147,14 @@ def test_malformed_requests_get_fitting_codes_and_clear_messages(stub):
     assert stub.ServerLive(pb.ServerLiveRequest()).live
 
 
-def test_large_batch_of_long_sequences_fits_the_message_limit(stub):
+def test_large_batch_of_long_sequences_fits_the_message_limit(server, stub):
     from lstm_onnx.protocol.codec import decode_response, encode_request
 
     x = sample_input(8, 150_000)  # 4.8 MB: over gRPC's 4 MiB default
     out = decode_response(stub.ModelInfer(encode_request("tiny_gru", {"input": x}, outputs=["output"]),
                                           timeout=120))
-    assert out["output"].shape == (8, 4)
+    want = reference_outputs(server.repo / "tiny_gru" / "1" / "model.onnx", {"input": x})["output"]
+    np.testing.assert_allclose(out["output"], want, atol=1e-5, rtol=0)
 
 
 def test_async_triton_client_works_unchanged(server):
@@ -166,8 +169,10 @@ def test_async_triton_client_works_unchanged(server):
             tensor = tc.InferInput("input", list(x.shape), "FP32")
             tensor.set_data_from_numpy(x)
             result = await client.infer("tiny_lstm", [tensor])
-            return result.as_numpy("output")
+            return x, result.as_numpy("output")
         finally:
             await client.close()
 
-    assert asyncio.run(main()).shape == (1, 4)
+    x, got = asyncio.run(main())
+    want = reference_outputs(server.repo / "tiny_lstm" / "1" / "model.onnx", {"input": x})["output"]
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)

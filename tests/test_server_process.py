@@ -58,7 +58,9 @@ def _pending(metrics_port: int) -> int:
 
 def test_sigterm_drains_in_flight_requests_then_exits(tiny_repository):
     from lstm_onnx.client.client import ClientError, InferenceClient
+    from lstm_onnx.client.loadgen import reference_outputs
 
+    big = sample_input(64, 30_000)
     proc, url, lines, metrics_port = _serve(tiny_repository)
     try:
         results: dict = {}
@@ -66,7 +68,7 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_repository):
         def slow_request():
             with InferenceClient(url) as client:
                 try:
-                    results["out"] = client.infer("tiny_gru", {"input": sample_input(64, 30_000)}, outputs=["output"])
+                    results["out"] = client.infer("tiny_gru", {"input": big}, outputs=["output"])
                 except ClientError as exc:
                     results["error"] = exc
 
@@ -82,7 +84,9 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_repository):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert "error" not in results and results["out"]["output"].shape == (64, 4)
+    assert "error" not in results, results.get("error")
+    want = reference_outputs(tiny_repository / "tiny_gru" / "1" / "model.onnx", {"input": big})["output"]
+    np.testing.assert_allclose(results["out"]["output"], want, atol=1e-5, rtol=0)
     events = [json.loads(l)["msg"] for l in lines if l.startswith("{")]
     assert "signal received" in events and "draining" in events and events[-1] == "stopped"
     with InferenceClient(url, timeout_s=5) as client:  # and it is gone

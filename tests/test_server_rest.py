@@ -443,3 +443,27 @@ def test_rest_requests_are_counted_in_the_metrics_and_statistics(server, http):
     assert stats["inference_stats"]["success"]["count"] == stats_before["inference_stats"]["success"]["count"] + 3
     page = httpx.get(f"http://127.0.0.1:{server.running.metrics_port}/nope", timeout=10)
     assert page.status_code == 404
+
+
+def test_an_unexpected_exception_is_internal_over_grpc_and_500_over_rest(server, http):
+    """A bug (an exception outside our error classes) is the server's fault: INTERNAL / 500, never the client's."""
+    from lstm_onnx.protocol.codec import encode_request
+
+    x = sample_input(1, 3)
+    runtime = server.running.repository.resolve("tiny_gru").runtime
+
+    def buggy(*args, **kwargs):
+        raise ZeroDivisionError("injected bug")
+
+    runtime.predict = buggy
+    try:
+        body, headers = _body({"input": x}, True)
+        answer = http.post("/v2/models/tiny_gru/infer", content=body, headers=headers)
+        grpc_code, grpc_text = _grpc_error(server, encode_request("tiny_gru", {"input": x}))
+    finally:
+        del runtime.predict
+    assert grpc_code == grpc.StatusCode.INTERNAL, f"gRPC: got {grpc_code}, expected INTERNAL ({grpc_text})"
+    assert answer.status_code == 500, f"REST: got {answer.status_code}, expected 500 ({answer.text})"
+    assert "ZeroDivisionError" in grpc_text and "injected bug" in grpc_text, grpc_text
+    assert answer.json() == {"error": grpc_text}
+    assert not isinstance(_decode(http.post("/v2/models/tiny_gru/infer", content=body, headers=headers)), Exception)

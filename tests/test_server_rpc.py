@@ -20,6 +20,7 @@ def server(tiny_repository, tmp_path_factory):
     settings = ServerSettings(model_repository=str(repo), grpc_port=0, metrics_port=0, http_port=-1,
                               exit_on_error="false")
     with BackgroundServer(settings) as srv:
+        srv.repo = repo
         yield srv
 
 
@@ -53,11 +54,12 @@ def test_model_config_reports_provider_and_inferred_config(triton):
     config = triton.get_model_config("tiny_lstm").config
     assert config.parameters["execution_provider"].string_value == "cpu"
     assert config.instance_group[0].kind == 2  # KIND_CPU
-    assert config.max_batch_size > 0 and config.dynamic_batching is not None
+    # Unidirectional, stateful: Triton's sequence batcher with implicit state, not the dynamic batcher.
+    assert config.max_batch_size > 0 and config.WhichOneof("scheduling_choice") == "sequence_batching"
     # No config.pbtxt: inputs and outputs come from the graph, batch axis split off.
     inferred = triton.get_model_config("identity_int64").config
     assert [(i.name, list(i.dims)) for i in inferred.input] == [("x", [3])]
-    assert inferred.max_batch_size == 8
+    assert inferred.max_batch_size == 8 and inferred.WhichOneof("scheduling_choice") == "dynamic_batching"
 
 
 def test_unknown_model_is_not_found_and_server_keeps_serving(triton):
@@ -147,16 +149,20 @@ def test_health_serving_when_all_models_load_and_reflection_lists_services(serve
                                  file_containing_symbol="inference.GRPCInferenceService")])
             listed, described = list(stub.ServerReflectionInfo(requests))
             names = {s.name for s in listed.list_services_response.service}
-            assert {"inference.GRPCInferenceService", "grpc.health.v1.Health",
-                    "grpc.reflection.v1alpha.ServerReflection"} <= names
+            assert names == {"inference.GRPCInferenceService", "grpc.health.v1.Health",
+                             "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
             assert described.file_descriptor_response.file_descriptor_proto  # grpcurl can describe and call
 
 
 def test_our_client_reads_metadata_and_infers(server):
     from lstm_onnx.client.client import InferenceClient
+    from lstm_onnx.client.loadgen import reference_outputs
 
     with InferenceClient(server.url) as client:
         assert client.metadata("tiny_lstm").name == "tiny_lstm"
         assert client.optional_inputs("tiny_lstm") == {"h0", "c0"}
-        out = client.infer("tiny_lstm", {"input": sample_input(2, 3)}, outputs=["output"])
-        assert list(out) == ["output"] and out["output"].shape == (2, 4) and np.isfinite(out["output"]).all()
+        x = sample_input(2, 3)
+        out = client.infer("tiny_lstm", {"input": x}, outputs=["output"])
+    assert list(out) == ["output"]
+    want = reference_outputs(server.repo / "tiny_lstm" / "1" / "model.onnx", {"input": x})["output"]
+    np.testing.assert_allclose(out["output"], want, atol=1e-6, rtol=0)

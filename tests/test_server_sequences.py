@@ -135,6 +135,7 @@ def test_sequence_id_on_a_stateless_model_is_refused(tmp_path):
 
 def test_bidirectional_model_takes_a_sequence_only_whole(make_run_dir, tmp_path):
     from lstm_onnx.client.client import ClientError, InferenceClient
+    from lstm_onnx.client.loadgen import reference_outputs
     from lstm_onnx.export.repository import export_to_repository
     from lstm_onnx.server.sequences import SequenceControl
 
@@ -148,7 +149,9 @@ def test_bidirectional_model_takes_a_sequence_only_whole(make_run_dir, tmp_path)
             client.infer("bi", {"input": x[:, :4]}, sequence=SequenceControl(8, start=True))
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert "bidirectional" in str(info.value)
-        assert client.infer("bi", {"input": x})["output"].shape == (1, 4)
+        np.testing.assert_array_equal(client.infer("bi", {"input": x})["output"], whole["output"])
+    want = reference_outputs(tmp_path / "bi" / "1" / "model.onnx", {"input": x})["output"]
+    np.testing.assert_allclose(whole["output"], want, atol=1e-6, rtol=0)
 
 
 # --- Races: a step runs on exactly its predecessor's state, or is refused with the reason -----------------------
@@ -310,3 +313,17 @@ def test_answers_say_which_step_they_are_and_what_they_continued(stub):
     steps = [decode_sequence_step(_send(stub, _request(x[:, i:i + 2], f"r{i}", sequence_id="named", start=i == 0,
                                                        end=i == 2), "stream")) for i in range(3)]
     assert steps == [(1, ""), (2, "r0"), (3, "r1")]
+
+
+@pytest.mark.parametrize("via", ["unary", "stream"])
+def test_start_on_a_live_idle_id_runs_on_zeros_not_the_old_state(server, stub, via):
+    """A sequence_start on an id that is live and idle (its last step applied, not ended) starts from zeros."""
+    a, b = sample_input(1, 4, seed=70), sample_input(1, 3, seed=71)
+    sequence_id = f"restart-{via}"
+    assert not isinstance(_send(stub, _request(a, "A", sequence_id=sequence_id, start=True), via), Exception)
+    assert ("tiny_lstm", sequence_id) in server.running.scheduler.sequences, "the first start left no live sequence"
+    _assert_answer(_send(stub, _request(b, "B", sequence_id=sequence_id, start=True), via), _fresh(stub, b),
+                   "B (a sequence_start on the live, idle id)")
+    continued = np.concatenate([b, a], axis=1)  # and the restarted sequence goes on from B's state, not A's
+    _assert_answer(_send(stub, _request(a, "C", sequence_id=sequence_id, end=True), via), _fresh(stub, continued),
+                   "C (the step after the restart)")

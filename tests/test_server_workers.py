@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pytest
 from server_models import sample_input
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +50,8 @@ def test_two_workers_share_the_port_both_answer_and_sigterm_drains_both(tiny_rep
             if '"msg": "workers serving"' in line:
                 ready = json.loads(line)
         assert ready, "workers did not start:\n" + "".join(lines)
-        threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+        reader.start()
         assert ready["workers"] == 2 and len(set(ready["metrics_ports"])) == 2
         x = sample_input(1, 6, seed=1)
         answers = []
@@ -73,7 +75,8 @@ def test_two_workers_share_the_port_both_answer_and_sigterm_drains_both(tiny_rep
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
-    time.sleep(0.2)  # let the reader thread take the last lines
+    reader.join(timeout=30)  # the process has exited: its stderr ends, and the reader with it
+    assert not reader.is_alive(), "stderr still open after the process exited"
     stopped = [json.loads(line) for line in lines if '"msg": "stopped"' in line]
     assert code == 0, "".join(lines[-20:])
     assert sorted(s["worker"] for s in stopped) == [0, 1], "".join(lines[-20:])
@@ -95,10 +98,18 @@ def test_event_loop_setting_picks_the_loop():
         return type(asyncio.get_running_loop()).__module__
 
     assert run_event_loop(loop_module(), "asyncio").startswith("asyncio")
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return
+
+
+def test_event_loop_setting_picks_uvloop_when_installed():
+    import asyncio
+
+    from lstm_onnx.server.app import run_event_loop
+
+    pytest.importorskip("uvloop", reason="uvloop is not installed (the serve extra brings it on Linux)")
+
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
     assert run_event_loop(loop_module(), "uvloop").startswith("uvloop")
     assert run_event_loop(loop_module(), "auto").startswith("uvloop")
 

@@ -62,11 +62,13 @@ def read_external_bytes(tensor: onnx.TensorProto, base_dir: str | os.PathLike) -
         fd = os.open(path, flags)
     except OSError as exc:
         raise ExternalDataError(f"{where}: cannot open external file {location!r} ({exc.strerror})") from None
+    # fstat on the open descriptor: the checks hold for the file actually read. Before fdopen, which raises
+    # IsADirectoryError (not our error) for a folder.
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ExternalDataError(f"{where}: external location {location!r} is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        # fstat on the open descriptor: the checks hold for the file actually read.
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise ExternalDataError(f"{where}: external location {location!r} is not a regular file")
         if st.st_nlink > 1:
             raise ExternalDataError(
                 f"{where}: external file {location!r} has {st.st_nlink} hard links, expected 1 "

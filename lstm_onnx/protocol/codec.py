@@ -83,7 +83,7 @@ def _decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | N
             raise InvalidArgument(f"input '{name}': got {len(raw)} bytes, expected {count * dtype.itemsize} "
                                   f"for {datatype} shape {shape}")
         return _reshape(name, np.frombuffer(raw, dtype=dtype), shape)
-    field = _CONTENTS_FIELD.get(datatype) if datatype != "FP16" else None
+    field = _CONTENTS_FIELD.get(datatype)  # FP16 and BYTES have none
     if field is None:
         raise InvalidArgument(f"input '{name}': datatype {clip(datatype)} cannot travel in typed contents, "
                               "send it in raw_input_contents")
