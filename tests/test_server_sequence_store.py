@@ -33,7 +33,7 @@ def _apply(store, control, request_id, value):
     async def go():
         step = store.reserve("m", control, request_id)
         turn = await store.turn(step)
-        store.commit(step, turn, _state(value))
+        await store.commit(step, turn, _state(value))
         return turn
     return asyncio.run(go())
 
@@ -100,7 +100,7 @@ def test_a_step_waits_for_its_turn_and_runs_on_the_state_its_predecessor_left():
         turn_one = await store.turn(one)
         await asyncio.sleep(0)
         assert not later.done()
-        store.commit(one, turn_one, _state(5.0))
+        await store.commit(one, turn_one, _state(5.0))
         return await asyncio.wait_for(later, 5)
 
     turn = asyncio.run(go())
@@ -147,7 +147,7 @@ def test_a_step_given_up_while_waiting_is_resolved_in_order():
         store.abandon(two, "passed its deadline")  # before its turn: kept until one resolves
         await asyncio.sleep(0)
         assert not waiting.done()
-        store.commit(one, turn_one, _state(2.0))
+        await store.commit(one, turn_one, _state(2.0))
         with pytest.raises(Aborted) as caught:
             await asyncio.wait_for(waiting, 5)
         return str(caught.value)
@@ -164,7 +164,7 @@ def test_a_step_behind_a_sequence_end_is_refused():
         behind = store.reserve("m", SequenceControl(1), "c")
         waiting = asyncio.ensure_future(store.turn(behind))
         turn = await store.turn(ending)
-        store.commit(ending, turn, _state(2.0))
+        await store.commit(ending, turn, _state(2.0))
         with pytest.raises(FailedPrecondition) as caught:
             await asyncio.wait_for(waiting, 5)
         return str(caught.value)
@@ -180,11 +180,11 @@ def test_commit_on_a_stale_version_is_internal():
     async def go():
         step = store.reserve("m", SequenceControl(1, start=True), "a")
         turn = await store.turn(step)
-        store.commit(step, Turn(None, turn.version, 1, ""), _state(1.0))
+        await store.commit(step, Turn(None, turn.version, 1, ""), _state(1.0))
         again = store.reserve("m", SequenceControl(1), "b")
         stale = await store.turn(again)
         with pytest.raises(Internal, match="commit of place 2 at version 0 found 1 resolved, version 1"):
-            store.commit(again, Turn(stale.state, 0, 2, "a"), _state(2.0))
+            await store.commit(again, Turn(stale.state, 0, 2, "a"), _state(2.0))
 
     asyncio.run(go())
 
@@ -207,7 +207,7 @@ def test_idle_sequences_are_evicted_after_their_models_timeout_but_not_while_bus
 
 async def _finish(store, step):
     turn = await store.turn(step)
-    store.commit(step, turn, _state(0.0))
+    await store.commit(step, turn, _state(0.0))
 
 
 def test_aborted_sequences_are_bounded_oldest_first():
@@ -248,7 +248,7 @@ def test_request_id_defaults_to_empty():
 
     async def go():
         step = store.reserve("m", SequenceControl(1, start=True))
-        store.commit(step, await store.turn(step), _state(1.0))
+        await store.commit(step, await store.turn(step), _state(1.0))
         return await store.turn(store.reserve("m", SequenceControl(1)))
 
     assert asyncio.run(go()).previous_id == ""
