@@ -139,12 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     figures = run_standalone(Path(args.work))
     page = Path(args.docs) / "benchmarks.md"
     text = section(figures)
-    old = page.read_text() if page.exists() else "# Benchmarks\n"
-    if BEGIN in old and END in old:  # replace this section only
-        head, rest = old.split(BEGIN, 1)
-        page.write_text(head + text.rstrip("\n") + rest.split(END, 1)[1])
-    else:
-        page.write_text(old.rstrip("\n") + "\n\n" + text)
+    from bench.report import write_marked_section
+
+    write_marked_section(page, text, BEGIN, END)
     print(text)
     return 0
 

@@ -322,3 +322,15 @@ def write_report(f: dict, md_path: Path, png_path: Path, notes: str = "") -> Non
             "<!-- rest:end -->", 1)[0] + "<!-- rest:end -->\n"
     md_path.write_text(text)
     write_plot(f, png_path)
+
+
+def write_marked_section(page: Path, section: str, begin: str, end: str) -> None:
+    """Put `section` (which starts with `begin` and ends with `end`) on the benchmark page, replacing the one
+    between those markers, or appending it; the rest of the page is left as it is."""
+    text = page.read_text() if page.exists() else "# Benchmarks\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section.rstrip("\n") + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    page.write_text(text)

@@ -28,6 +28,7 @@ from pathlib import Path
 from bench.head_to_head import median_row
 from bench.models import DEFAULT_MODEL, build_repository
 from bench.processes import ROOT, ChildServer, serving_pattern
+from bench.report import write_marked_section
 from lstm_onnx.client import loadgen
 
 BEGIN, END = "<!-- sequence-store:begin -->", "<!-- sequence-store:end -->"
@@ -174,14 +175,8 @@ def render(f: dict) -> str:
 
 
 def write_section(page: Path, section: str) -> None:
-    """Put the section on the benchmark page, replacing the one there."""
-    text = page.read_text() if page.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    page.write_text(text)
+    """Put this section on the benchmark page, replacing the one there."""
+    write_marked_section(page, section, BEGIN, END)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -171,3 +171,14 @@ def test_mlserver_runtime_answers_like_in_process_onnxruntime(tiny_repository, t
         result = _measure(server.url, "tiny_lstm", [3, 7], model, concurrency=4)
     assert result.errors == 0, result.first_error
     assert result.checked == 24 and result.mismatches == 0
+
+
+def test_a_marked_section_replaces_only_itself_on_the_benchmark_page(tmp_path):
+    from bench.report import write_marked_section
+
+    page = tmp_path / "benchmarks.md"
+    page.write_text("# B\n\nA\n<!-- x:begin -->\nold\n<!-- x:end -->\nZ\n")
+    write_marked_section(page, "<!-- x:begin -->\nnew\n<!-- x:end -->\n", "<!-- x:begin -->", "<!-- x:end -->")
+    assert page.read_text() == "# B\n\nA\n<!-- x:begin -->\nnew\n<!-- x:end -->\nZ\n"
+    write_marked_section(page, "<!-- y:begin -->\nY\n<!-- y:end -->\n", "<!-- y:begin -->", "<!-- y:end -->")
+    assert page.read_text().endswith("Z\n\n<!-- y:begin -->\nY\n<!-- y:end -->\n")
