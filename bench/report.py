@@ -334,3 +334,34 @@ def write_marked_section(page: Path, section: str, begin: str, end: str) -> None
     else:
         text = text.rstrip("\n") + "\n\n" + section
     page.write_text(text)
+
+
+def section_main(argv: list[str] | None, description: str, measure, render, name: str, begin: str, end: str,
+                 docs_default: Path) -> int:
+    """The command line of a bench script that writes one marked section: `measure(work, rounds, seconds)`,
+    then its figures as docs/benchmarks_<name>.json and `render(figures)` on the benchmark page."""
+    import argparse
+    import json
+    import os
+    import tempfile
+    import time
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "lstm-onnx-bench" / "full"))
+    parser.add_argument("--docs", default=str(docs_default))
+    parser.add_argument("--notes", default="", help="a paragraph to add under the tables")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    figures = measure(Path(args.work), args.rounds, args.seconds)
+    figures["notes"] = args.notes
+    figures["load_average"] = os.getloadavg()
+    figures["wall_s"] = round(time.perf_counter() - started, 1)
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / f"benchmarks_{name}.json").write_text(json.dumps(figures, indent=1, default=float))
+    section = render(figures)
+    write_marked_section(docs / "benchmarks.md", section, begin, end)
+    print(section)
+    return 0

@@ -11,16 +11,12 @@ docs/benchmarks.md (between markers) and docs/benchmarks_sequence_store.json.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
-import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -28,7 +24,7 @@ from pathlib import Path
 from bench.head_to_head import median_row
 from bench.models import DEFAULT_MODEL, build_repository
 from bench.processes import ROOT, ChildServer, serving_pattern
-from bench.report import write_marked_section
+from bench.report import section_main, write_marked_section
 from lstm_onnx.client import loadgen
 
 BEGIN, END = "<!-- sequence-store:begin -->", "<!-- sequence-store:end -->"
@@ -180,24 +176,7 @@ def write_section(page: Path, section: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "lstm-onnx-bench" / "full"))
-    parser.add_argument("--docs", default=str(ROOT / "docs"))
-    parser.add_argument("--notes", default="", help="a paragraph to add under the tables")
-    args = parser.parse_args(argv)
-    started = time.perf_counter()
-    figures = measure(Path(args.work), args.rounds, args.seconds)
-    figures["notes"] = args.notes
-    figures["load_average"] = os.getloadavg()
-    figures["wall_s"] = round(time.perf_counter() - started, 1)
-    docs = Path(args.docs)
-    docs.mkdir(parents=True, exist_ok=True)
-    (docs / "benchmarks_sequence_store.json").write_text(json.dumps(figures, indent=1, default=float))
-    write_section(docs / "benchmarks.md", render(figures))
-    print(render(figures))
-    return 0
+    return section_main(argv, __doc__, measure, render, "sequence_store", BEGIN, END, ROOT / "docs")
 
 
 if __name__ == "__main__":

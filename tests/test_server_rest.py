@@ -227,18 +227,8 @@ def test_every_error_status_with_the_grpc_text(server, http):
     # 500: the model itself fails while running (a fault injected into the live runtime)
     from lstm_onnx.protocol.errors import Internal
 
-    runtime = server.running.repository.resolve("tiny_gru").runtime
-
-    def failing(*args, **kwargs):
-        raise Internal("model 'tiny_gru' version 1 failed: injected fault")
-
-    runtime.predict = failing
-    try:
-        body, headers = _body({"input": x}, True)
-        answer = http.post("/v2/models/tiny_gru/infer", content=body, headers=headers)
-        grpc_code, grpc_text = _grpc_error(server, encode_request("tiny_gru", {"input": x}))
-    finally:
-        del runtime.predict
+    answer, grpc_code, grpc_text = _failing_run(server, http, x,
+                                                Internal("model 'tiny_gru' version 1 failed: injected fault"))
     assert (answer.status_code, grpc_code) == (500, grpc.StatusCode.INTERNAL)
     assert answer.json() == {"error": grpc_text} and "injected fault" in grpc_text
 
@@ -445,25 +435,33 @@ def test_rest_requests_are_counted_in_the_metrics_and_statistics(server, http):
     assert page.status_code == 404
 
 
-def test_an_unexpected_exception_is_internal_over_grpc_and_500_over_rest(server, http):
-    """A bug (an exception outside our error classes) is the server's fault: INTERNAL / 500, never the client's."""
+
+def _failing_run(server, http, x, exc: BaseException):
+    """The same request over REST and gRPC while tiny_gru's runtime raises `exc`: (REST answer, gRPC code, text)."""
     from lstm_onnx.protocol.codec import encode_request
 
-    x = sample_input(1, 3)
     runtime = server.running.repository.resolve("tiny_gru").runtime
 
-    def buggy(*args, **kwargs):
-        raise ZeroDivisionError("injected bug")
+    def failing(*args, **kwargs):
+        raise exc
 
-    runtime.predict = buggy
+    runtime.predict = failing
     try:
         body, headers = _body({"input": x}, True)
         answer = http.post("/v2/models/tiny_gru/infer", content=body, headers=headers)
         grpc_code, grpc_text = _grpc_error(server, encode_request("tiny_gru", {"input": x}))
     finally:
         del runtime.predict
+    return answer, grpc_code, grpc_text
+
+def test_an_unexpected_exception_is_internal_over_grpc_and_500_over_rest(server, http):
+    """A bug (an exception outside our error classes) is the server's fault: INTERNAL / 500, never the client's."""
+
+    x = sample_input(1, 3)
+    answer, grpc_code, grpc_text = _failing_run(server, http, x, ZeroDivisionError("injected bug"))
     assert grpc_code == grpc.StatusCode.INTERNAL, f"gRPC: got {grpc_code}, expected INTERNAL ({grpc_text})"
     assert answer.status_code == 500, f"REST: got {answer.status_code}, expected 500 ({answer.text})"
     assert "ZeroDivisionError" in grpc_text and "injected bug" in grpc_text, grpc_text
     assert answer.json() == {"error": grpc_text}
+    body, headers = _body({"input": x}, True)  # the model answers again once the fault is gone
     assert not isinstance(_decode(http.post("/v2/models/tiny_gru/infer", content=body, headers=headers)), Exception)
