@@ -9,7 +9,6 @@ import asyncio
 import time
 
 import aiohttp
-import numpy as np
 import orjson
 from google.protobuf import json_format
 
@@ -18,7 +17,7 @@ from lstm_onnx.protos import grpc_service_pb2 as pb
 from lstm_onnx.protos import model_config_pb2 as mc
 
 from .client import server_filled_inputs
-from .loadgen import LevelResult, Payload, _Run
+from .loadgen import LevelResult, Payload, _Run, level_result
 
 
 def open_session(concurrency: int) -> aiohttp.ClientSession:
@@ -85,9 +84,4 @@ async def run_level(session: aiohttp.ClientSession, url: str, model: str, payloa
     started = time.perf_counter()
     await asyncio.gather(*(_worker(session, target, run, payloads, w) for w in range(concurrency)))
     seconds = time.perf_counter() - started
-    lat = np.asarray(run.latencies_ns, dtype=np.float64) / 1e6
-    p50, p90, p99 = (float(np.percentile(lat, q)) if lat.size else float("nan") for q in (50, 90, 99))
-    answered = run.issued - run.errors
-    result = LevelResult(concurrency, int(lat.size), run.errors, round(seconds, 3),
-                         answered / seconds if seconds > 0 else 0.0, p50, p90, p99, first_error=run.first_error)
-    return result, run.samples
+    return level_result(run, concurrency, seconds), run.samples

@@ -209,13 +209,17 @@ async def run_level(channel: grpc.aio.Channel | list[grpc.aio.Channel], payloads
     started = time.perf_counter()
     await asyncio.gather(*workers)
     seconds = time.perf_counter() - started
+    return level_result(run, concurrency, seconds), run.samples
+
+
+def level_result(run: "_Run", concurrency: int, seconds: float) -> LevelResult:
+    """A level's figures from its run (both transports): latency percentiles and answered per second."""
     lat = np.asarray(run.latencies_ns, dtype=np.float64) / 1e6
     p50, p90, p99 = (float(np.percentile(lat, q)) if lat.size else float("nan") for q in (50, 90, 99))
     # Throughput counts every answer, warm-up included, over the whole level: the wall clock the user waited.
     answered = run.issued - run.errors
-    result = LevelResult(concurrency, int(lat.size), run.errors, round(seconds, 3),
-                         answered / seconds if seconds > 0 else 0.0, p50, p90, p99, first_error=run.first_error)
-    return result, run.samples
+    return LevelResult(concurrency, int(lat.size), run.errors, round(seconds, 3),
+                       answered / seconds if seconds > 0 else 0.0, p50, p90, p99, first_error=run.first_error)
 
 
 def reference_outputs(model_path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
