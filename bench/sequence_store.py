@@ -51,9 +51,9 @@ def start_redis() -> tuple[subprocess.Popen, int]:
     raise SystemExit(f"redis-server on port {port} did not start")
 
 
-def start_server(repository: Path, store: str) -> tuple[ChildServer, int]:
+def start_server(repository: Path, store: str, extra: tuple[str, ...] = ()) -> tuple[ChildServer, int]:
     argv = [sys.executable, "-m", "lstm_onnx", "serve", "--model-repository", str(repository), "--grpc-port", "0",
-            "--metrics-port", "0", "--http-port", "-1", "--sequence-store", store]
+            "--metrics-port", "0", "--http-port", "-1", "--sequence-store", store, *extra]
     server = ChildServer(argv, serving_pattern([]))
     port = re.search(r"metrics_port=(\d+)", server.log[-1])
     return server, int(port.group(1))
@@ -65,7 +65,7 @@ def scrape(metrics_port: int) -> dict[str, float]:
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     wanted = {"lstm_onnx_sequence_store_round_trips", "lstm_onnx_sequence_store_commands", "nv_inference_exec_count",
-              "nv_inference_count"}
+              "nv_inference_count", "lstm_onnx_sequence_store_reads", "lstm_onnx_sequence_store_copy_hits"}
     out = dict.fromkeys(wanted, 0.0)
     for family in text_string_to_metric_families(text):
         if family.name in wanted:
@@ -94,6 +94,8 @@ def stream_levels(url: str, metrics_port: int, levels: list[int], seconds: float
                 row["commands"] = delta["lstm_onnx_sequence_store_commands"]
                 row["round_trips_per_run"] = row["round_trips"] / runs if runs else 0.0
                 row["commands_per_round_trip"] = row["commands"] / row["round_trips"] if row["round_trips"] else 0.0
+                steps = delta["lstm_onnx_sequence_store_reads"] + delta["lstm_onnx_sequence_store_copy_hits"]
+                row["reads_per_step"] = delta["lstm_onnx_sequence_store_reads"] / steps if steps else 0.0
                 rows.append(row)
             return rows
 
@@ -109,13 +111,16 @@ def measure(work: Path, rounds: int, seconds: float, top: int = 64, log=print) -
     model_path = repo / "lstm" / "1" / "model.onnx"
     redis, port = start_redis()
     out: dict = {"rounds": rounds, "seconds": seconds, "levels": [1, top], "steps_per_sequence": STEPS,
-                 "model": DEFAULT_MODEL, "uptime_start": _uptime(), "runs": {"memory": [], "redis": []},
+                 "model": DEFAULT_MODEL, "uptime_start": _uptime(),
+                 "runs": {"memory": [], "redis": [], "redis, copies off": []},
                  "redis_version": subprocess.run(["redis-server", "--version"], capture_output=True,
                                                  text=True).stdout.strip()}
     try:
         for round_index in range(rounds):
-            for label, store in (("memory", "memory"), ("redis", f"redis://127.0.0.1:{port}/0")):
-                server, metrics_port = start_server(repo, store)
+            url = f"redis://127.0.0.1:{port}/0"
+            for label, store, extra in (("memory", "memory", ()), ("redis", url, ()),
+                                        ("redis, copies off", url, ("--sequence-store-copies", "false"))):
+                server, metrics_port = start_server(repo, store, extra)
                 with server:
                     rows = stream_levels(server.url, metrics_port, [1, top], seconds, model_path)
                 out["runs"][label].append(rows)
@@ -128,7 +133,8 @@ def measure(work: Path, rounds: int, seconds: float, top: int = 64, log=print) -
     out["uptime_end"] = _uptime()
     out["median"] = {label: [dict(median_row([run[i] for run in runs]),
                                   **{k: sorted(run[i][k] for run in runs)[len(runs) // 2]
-                                     for k in ("rows_per_run", "round_trips_per_run", "commands_per_round_trip")})
+                                     for k in ("rows_per_run", "round_trips_per_run", "commands_per_round_trip",
+                                               "reads_per_step")})
                              for i in range(2)] for label, runs in out["runs"].items()}
     return out
 
@@ -141,8 +147,12 @@ def render(f: dict) -> str:
     rps = r64["rps"] / m64["rps"]
     lines = [BEGIN, "## Sequence store: Redis against memory (stream steps, T=1)", "",
              f"Written by `python -m bench.sequence_store`: the default bench model ({f['model']['num_layers']} layers, "
-             f"hidden {f['model']['hidden_size']}) served with `--sequence-store memory` and with a local "
-             f"redis-server ({f['redis_version'].split(' sha')[0]}, no persistence, loopback), in turn for "
+             f"hidden {f['model']['hidden_size']}) served with `--sequence-store memory`, and with a local "
+             f"redis-server ({f['redis_version'].split(' sha')[0]}, no persistence, loopback) both as it runs by "
+             "default (a replica continues the sequences it wrote from its own copy, which Redis invalidates when "
+             "another process writes the key: one round trip per step) and with `--sequence-store-copies false` "
+             "(a read and a compare-and-set per step, what a sequence that alternates between replicas costs), in "
+             "turn for "
              f"{f['rounds']} rounds of {f['seconds']:g} s per level, medians of the rounds. Each stream carries one "
              f"live sequence of {f['steps_per_sequence']} one-step requests (then the next), so c{top} holds {top} "
              "live sequences. Every answer sampled was checked against in-process onnxruntime over the whole "
@@ -157,14 +167,15 @@ def render(f: dict) -> str:
              f"{r64['round_trips_per_run']:.2f} ({r64['rows_per_run']:.1f} rows per run, "
              f"{r64['commands_per_round_trip']:.1f} commands per round trip) | report | n/a |", "",
              "| store | concurrency | req/s | p50 ms | p90 ms | p99 ms | rows/run | round trips/run | "
-             "commands/round trip | checked vs ORT | req/s per round |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "commands/round trip | reads/step | checked vs ORT | req/s per round |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for label, rows in f["median"].items():
         for i, row in enumerate(rows):
             per_round = ", ".join(f"{run[i]['rps']:.0f}" for run in f["runs"][label])
             lines.append(f"| {label} | {row['concurrency']} | {row['rps']:.0f} | {row['p50_ms']:.3f} | "
                          f"{row['p90_ms']:.3f} | {row['p99_ms']:.3f} | {row['rows_per_run']:.1f} | "
                          f"{row['round_trips_per_run']:.2f} | {row['commands_per_round_trip']:.1f} | "
+                         f"{row.get('reads_per_step', 0.0):.2f} | "
                          f"{row['checked'] - row['mismatches']}/{row['checked']} | {per_round} |")
     lines += ["", f.get("notes", ""), END] if f.get("notes") else ["", END]
     return "\n".join(lines) + "\n"

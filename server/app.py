@@ -141,11 +141,8 @@ async def start_server(settings: ServerSettings, metrics: Metrics | None = None)
             metrics.enable_gpu()
         sequences = open_store(settings.sequence_store, settings.max_sequences, settings.sequence_idle_timeout_s,
                                idle_timeouts=repository.sequence_idle_timeouts(),
-                               max_per_client=settings.sequences_per_client)
-        if settings.sequence_store != "memory" and settings.tls_client_ca:
-            log.warning("the redis sequence store does not enforce the per-client share of sequences yet (the "
-                        "memory store does); ownership is enforced",
-                        extra={"fields": {"sequence_store": sequences.name}})
+                               max_per_client=settings.sequences_per_client,
+                               copies=settings.sequence_store_copies == "true")
         admission = AdmissionLimits(settings.max_queued_requests_per_model, settings.max_queued_requests,
                                     settings.max_queued_bytes_per_model, settings.max_queued_bytes)
         scheduler = Scheduler(repository, executor, metrics, sequences, settings.request_timeout_s, admission)

@@ -173,7 +173,12 @@ class TritonCollector:
                     ("lstm_onnx_sequence_store_round_trips", "Round trips to the sequence store (one pipeline "
                      "each)", store.round_trips),
                     ("lstm_onnx_sequence_store_commands", "Commands sent to the sequence store (reads, "
-                     "compare-and-sets, abandon marks)", store.commands)):
+                     "compare-and-sets, abandon marks)", store.commands),
+                    ("lstm_onnx_sequence_store_reads", "Sequence steps that read their state from the store",
+                     getattr(store, "reads", 0)),
+                    ("lstm_onnx_sequence_store_copy_hits", "Sequence steps that ran on this process's copy of the "
+                     "state it last wrote, with no read (Redis invalidates the copy when another process writes)",
+                     getattr(store, "copy_hits", 0))):
                 family = CounterMetricFamily(name, help_text, labels=labels)
                 family.add_metric((store.name,), value)
                 yield family

@@ -67,7 +67,8 @@ class ServerSettings:
                                   "sequence store, over all replicas together); a new one beyond it is refused")
     max_sequences_per_client: int = _setting(0, "most live sequences one client may hold (a client: its TLS "
                                              "certificate's identity, else its IP address), so one client cannot "
-                                             "hold every slot; 0 means a quarter of max_sequences (per worker)")
+                                             "hold every slot; 0 means a quarter of max_sequences (per worker; "
+                                             "with a redis:// sequence store, over all replicas together)")
     max_queued_requests_per_model: int = _setting(512, "most requests one model holds at once, waiting or running "
                                                   "(per worker); one more is refused with RESOURCE_EXHAUSTED "
                                                   "(REST 429), never queued without limit")
@@ -82,6 +83,10 @@ class ServerSettings:
                                    "redis://HOST:PORT/DB, rediss:// for TLS (password from env "
                                    "LSTM_ONNX_SEQUENCE_STORE_PASSWORD): shared by replicas and workers, survives "
                                    "restarts; see docs/scale-out.md")
+    sequence_store_copies: str = _setting("true", "with a redis:// sequence store: a replica continues a sequence "
+                                          "whose last step it wrote from its own copy of that state, with no "
+                                          "read, while Redis (CLIENT TRACKING) has not told it another process "
+                                          "wrote the key; false reads Redis at every step (one more round trip)")
     request_timeout_s: float = _setting(60.0, "longest one request may spend in the server (queue and run) before it "
                                         "gets DEADLINE_EXCEEDED; 0 means no limit")
     max_concurrent_streams: int = _setting(256, "most ModelStreamInfer streams open at once in one server process "
@@ -130,7 +135,7 @@ class ServerSettings:
                 raise ValueError(f"{name}: got {getattr(self, name)!r}, expected off or on")
         if self.event_loop not in EVENT_LOOPS:
             raise ValueError(f"event_loop: got {self.event_loop!r}, expected one of {', '.join(EVENT_LOOPS)}")
-        for name in ("exit_on_error", "strict_readiness"):
+        for name in ("exit_on_error", "strict_readiness", "sequence_store_copies"):
             if getattr(self, name) not in BOOLEANS:
                 raise ValueError(f"{name}: got {getattr(self, name)!r}, expected true or false")
         if self.log_format not in LOG_FORMATS:

@@ -1,7 +1,6 @@
 """TLS and mutual TLS on the gRPC port with a CA made here, loopback by default, and the limits that protect the server."""
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import socket
 import threading
@@ -9,40 +8,14 @@ import threading
 import grpc
 import numpy as np
 import pytest
+from pki import issue as _issue
+from pki import write as _write
 from reliability.fuzz import encode
 
 from lstm_onnx.protos import grpc_service_pb2 as pb
 from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
-x509 = pytest.importorskip("cryptography.x509")
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import NameOID  # noqa: E402
-
 MODEL = "tiny_lstm"
-
-
-def _issue(subject: str, issuer=None, issuer_key=None, ca: bool = False, server: bool = False):
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer.subject if issuer else name)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-    cert = builder.sign(issuer_key or key, hashes.SHA256())
-    return cert, key
-
-
-def _write(path, cert, key) -> tuple[str, str]:
-    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    path.with_suffix(".key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                           serialization.PrivateFormat.PKCS8,
-                                                           serialization.NoEncryption()))
-    return str(path.with_suffix(".crt")), str(path.with_suffix(".key"))
 
 
 @pytest.fixture(scope="module")

@@ -191,17 +191,26 @@ def test_an_abandoned_step_aborts_the_sequence_on_every_replica(redis_server):
 
 def test_merged_batch_commits_its_sequences_in_one_round_trip(redis_server):
     async def batch():
-        store = _store(redis_server.url)
+        store, other = _store(redis_server.url), _store(redis_server.url)
         steps = [store.reserve("m", _control(i, start=True), "", version=1) for i in range(16)]
         turns = [await store.turn(s) for s in steps]
         before = store.round_trips
         await asyncio.gather(*(store.commit(s, t, STATE) for s, t in zip(steps, turns)))
         assert store.round_trips - before == 1 and store.pipeline_sizes[16] == 1
+        # The replica that wrote them continues them on its copies: no read at all.
         steps = [store.reserve("m", _control(i), "", version=1) for i in range(16)]
         before = store.round_trips
-        await asyncio.gather(*(store.turn(s) for s in steps))
+        turns = await asyncio.gather(*(store.turn(s) for s in steps))
+        assert store.round_trips - before == 0 and store.copy_hits == 16 and store.reads == 0
+        await asyncio.gather(*(store.commit(s, t, STATE) for s, t in zip(steps, turns)))
         assert store.round_trips - before == 1
+        # Another replica reads them, in one pipeline: one round trip for the sixteen.
+        steps = [other.reserve("m", _control(i), "", version=1) for i in range(16)]
+        turns = await asyncio.gather(*(other.turn(s) for s in steps))
+        assert other.round_trips == 1 and other.reads == 16 and other.copy_hits == 0
+        assert all(t.step == 3 for t in turns)
         await store.close()
+        await other.close()
 
     asyncio.run(batch())
 
@@ -250,10 +259,13 @@ def test_store_counters_are_on_the_metrics_port(tiny_repository, redis_server):
         for i in range(3):
             client.infer("tiny_lstm", {"input": x}, sequence=_control(3, start=i == 0, end=i == 2))
         after = scrape(srv.running.metrics_port)
-    # Three steps: a start (one compare-and-set), two continuations (a read and a compare-and-set each).
-    assert after["lstm_onnx_sequence_store_commands"] - before["lstm_onnx_sequence_store_commands"] == 5
-    assert after["lstm_onnx_sequence_store_round_trips"] - before["lstm_onnx_sequence_store_round_trips"] == 5
-    assert after["nv_inference_exec_count"] - before["nv_inference_exec_count"] == 3
+    # Three steps on one replica: a compare-and-set each, and no read: the continuations run on the copy this
+    # process kept of what it wrote, which Redis would have invalidated had another process written the key.
+    delta = {k: after[k] - before[k] for k in after}
+    assert delta["lstm_onnx_sequence_store_commands"] == 3
+    assert delta["lstm_onnx_sequence_store_round_trips"] == 3
+    assert delta["lstm_onnx_sequence_store_copy_hits"] == 2 and delta["lstm_onnx_sequence_store_reads"] == 0
+    assert delta["nv_inference_exec_count"] == 3
 
 
 def test_a_missing_redis_server_skips_saying_why_but_fails_in_ci(monkeypatch):
@@ -342,3 +354,203 @@ def test_a_sequence_belongs_to_the_identity_that_started_it_on_every_replica(red
         await b.close()
 
     asyncio.run(go())
+
+
+# -- copies: a replica continues what it wrote without a read, and only while Redis has not said otherwise ---------
+
+def _state(value: float) -> dict[str, np.ndarray]:
+    return {k: np.full_like(v, value) for k, v in STATE.items()}
+
+
+async def _apply(store, sid, request_id: str, value: float, start: bool = False, end: bool = False):
+    step = store.reserve("m", _control(sid, start=start, end=end), request_id, version=1)
+    turn = await store.turn(step)
+    await store.commit(step, turn, _state(value))
+    return turn
+
+
+def test_a_replica_continues_its_own_sequence_from_its_copy_and_reads_after_another_replica_wrote(redis_server):
+    async def alternate():
+        a, b = _store(redis_server.url), _store(redis_server.url)
+        await _apply(a, 5, "s", 1.0, start=True)
+        turn = await _apply(a, 5, "a2", 2.0)  # a wrote step 1: its copy, no read
+        assert (a.copy_hits, a.reads) == (1, 0) and turn.step == 2 and np.all(turn.state["hn"] == 1.0)
+        turn = await _apply(b, 5, "b3", 3.0)  # b never saw it: reads Redis
+        assert (b.copy_hits, b.reads) == (0, 1) and turn.step == 3 and np.all(turn.state["hn"] == 2.0)
+        # b's write reached a as an invalidation: a reads b's state, not its own copy of step 2.
+        turn = await _apply(a, 5, "a4", 4.0)
+        assert (a.copy_hits, a.reads) == (1, 1) and turn.step == 4 and turn.previous_id == "b3"
+        assert np.all(turn.state["hn"] == 3.0)
+        turn = await _apply(a, 5, "a5", 5.0)  # and a's copy again from then on
+        assert (a.copy_hits, a.reads) == (2, 1) and np.all(turn.state["hn"] == 4.0)
+        await a.close()
+        await b.close()
+
+    asyncio.run(alternate())
+
+
+def test_an_invalidation_not_yet_read_when_the_next_step_arrives_is_read_first(redis_server):
+    async def unread():
+        a, b = _store(redis_server.url), _store(redis_server.url)
+        await _apply(a, 6, "s", 1.0, start=True)
+        reader = a._tracker_tasks[0]
+        reader.cancel()  # a's loop has not got round to reading the invalidation when the next step comes
+        await asyncio.gather(reader, return_exceptions=True)
+        await _apply(b, 6, "b2", 2.0)
+        turn = await _apply(a, 6, "a3", 3.0)  # the copy is not trusted while bytes from Redis wait unread
+        assert a.copy_hits == 0 and a.reads == 1 and turn.previous_id == "b2" and np.all(turn.state["hn"] == 2.0)
+        await a.close()
+        await b.close()
+
+    asyncio.run(unread())
+
+
+def test_a_stale_copy_costs_an_aborted_never_a_forked_state(redis_server):
+    from lstm_onnx.protocol.errors import Aborted
+
+    async def stale():
+        a, b = _store(redis_server.url), _store(redis_server.url)
+        await _apply(a, 7, "s", 1.0, start=True)
+        key = next(iter(a._copies))
+        lost = a._copies[key]
+        await _apply(b, 7, "b2", 2.0)
+        await asyncio.sleep(0)
+        a._copies[key] = lost  # as if b's invalidation never reached a
+        with pytest.raises(Aborted, match="sequence 7 advanced elsewhere: .*applied step 2 \\(request 'b2'\\)"):
+            await _apply(a, 7, "a2", 9.0)
+        assert a.copy_hits == 1 and key not in a._copies
+        turn = await _apply(a, 7, "a3", 3.0)  # the next step reads, and continues b's state
+        assert a.reads == 1 and turn.previous_id == "b2" and np.all(turn.state["hn"] == 2.0)
+        check = b.reserve("m", _control(7), "check", version=1)
+        turn = await b.turn(check)
+        assert turn.step == 4 and np.all(turn.state["hn"] == 3.0)  # 9.0, the stale step's result, never landed
+        await a.close()
+        await b.close()
+
+    asyncio.run(stale())
+
+
+def test_copies_are_dropped_when_the_invalidations_connection_is_lost_and_come_back(redis_server):
+    async def lost():
+        a, b = _store(redis_server.url), _store(redis_server.url)
+        await _apply(a, 8, "s", 1.0, start=True)
+        assert a._copies
+        redis_server.client().client_kill_filter(_type="pubsub")  # every replica's invalidations connection
+        for _ in range(200):
+            if not a._tracking:
+                break
+            await asyncio.sleep(0.01)
+        assert not a._tracking and not a._copies
+        await _apply(b, 8, "b2", 2.0)
+        turn = await _apply(a, 8, "a3", 3.0)
+        assert a.reads == 1 and np.all(turn.state["hn"] == 2.0)
+        assert a._tracking and a._copies  # tracking restarted with that write: copies again
+        turn = await _apply(a, 8, "a4", 4.0)
+        assert a.copy_hits == 1 and np.all(turn.state["hn"] == 3.0)
+        await a.close()
+        await b.close()
+
+    asyncio.run(lost())
+
+
+def test_with_copies_off_every_step_reads_redis(redis_server):
+    from lstm_onnx.server.redis_store import RedisSequenceStore
+
+    async def off():
+        store = RedisSequenceStore(redis_server.url, 10, 60.0, copies=False)
+        await _apply(store, 9, "s", 1.0, start=True)
+        for n in range(3):
+            turn = await _apply(store, 9, f"r{n}", 2.0 + n)
+        assert (store.copy_hits, store.reads) == (0, 3) and np.all(turn.state["hn"] == 3.0)
+        assert not store._copies
+        await store.close()
+
+    asyncio.run(off())
+
+
+def test_a_redis_that_refuses_client_tracking_serves_every_step_by_reading(caplog):
+    from redis_server import RedisServer, require_redis_server
+
+    server = RedisServer(require_redis_server(), None, "--rename-command", "CLIENT", "").start()
+    try:
+        async def refused():
+            store = _store(server.url)
+            await _apply(store, 1, "s", 1.0, start=True)
+            turn = await _apply(store, 1, "r", 2.0)
+            assert not store.copies_enabled and (store.copy_hits, store.reads) == (0, 1)
+            assert np.all(turn.state["hn"] == 1.0)
+            await store.close()
+
+        asyncio.run(refused())
+    finally:
+        server.stop()
+    assert "sequence store refuses CLIENT TRACKING: every step reads its state from Redis" in caplog.text
+
+
+# -- the per-client share over all replicas ------------------------------------------------------------------------
+
+def test_a_clients_share_of_sequences_holds_across_replicas(redis_server):
+    from lstm_onnx.protocol.errors import ResourceExhausted
+    from lstm_onnx.server.clients import Client
+    from lstm_onnx.server.redis_store import RedisSequenceStore
+
+    greedy, other = Client("10.0.0.1"), Client("10.0.0.2")
+
+    async def share():
+        a, b = (RedisSequenceStore(redis_server.url, 100, 60.0, max_per_client=2) for _ in range(2))
+
+        async def start(store, sid, client):
+            step = store.reserve("m", _control(sid, start=True), "", client, version=1)
+            await store.commit(step, await store.turn(step), STATE)
+
+        await start(a, 1, greedy)
+        await start(b, 2, greedy)
+        await start(a, 1, greedy)  # a restart of its own sequence takes no new place
+        with pytest.raises(ResourceExhausted, match=r"sequence 3: this client \(address 10.0.0.1\) holds 2 live "
+                                                    r"sequences in the sequence store redis://.*its share is 2"):
+            await start(a, 3, greedy)
+        await start(b, 3, other)  # another client is not held back
+        end = b.reserve("m", _control(2, end=True), "", greedy, version=1)
+        await b.commit(end, await b.turn(end), STATE)  # an end frees a place, on every replica
+        await start(a, 4, greedy)
+        await a.close()
+        await b.close()
+
+    asyncio.run(share())
+    keys = redis_server.keys("lstm-onnx:clients:*")
+    assert keys == [b"lstm-onnx:clients:address 10.0.0.1", b"lstm-onnx:clients:address 10.0.0.2"]
+    client = redis_server.client()
+    assert client.zcard(keys[0]) == 2 and client.zcard(keys[1]) == 1 and client.pttl(keys[0]) > 0
+
+
+# -- rediss:// with a password, through the server ---------------------------------------------------------------
+
+def test_a_server_on_a_tls_redis_with_a_password_from_the_environment(tiny_repository, tmp_path, monkeypatch):
+    from pki import issue, write
+    from redis_server import RedisServer, require_redis_server
+
+    from lstm_onnx.client.client import InferenceClient
+    from lstm_onnx.server.redis_store import PASSWORD_ENV
+
+    ca, ca_key = issue("redis test CA", ca=True)
+    cert, key = write(tmp_path / "redis", *issue("127.0.0.1", ca, ca_key, server=True))
+    ca_file = write(tmp_path / "ca", ca, ca_key)[0]
+    server = RedisServer(require_redis_server(), None, "--requirepass", "s3cret",
+                         tls={"cert": cert, "key": key, "ca": ca_file}).start()
+    monkeypatch.setenv(PASSWORD_ENV, "s3cret")
+    model = tiny_repository / "tiny_lstm" / "1" / "model.onnx"
+    x = sample_input(1, 8, seed=3)
+    try:
+        assert server.url.startswith("rediss://")
+        with _start(tiny_repository, server.url) as srv, InferenceClient(srv.url) as client:
+            answers = [client.infer("tiny_lstm", {"input": x[:, i:i + 2]},
+                                    sequence=_control(11, start=i == 0, end=i == 6)) for i in range(0, 8, 2)]
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        feed = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], np.float32)  # zero state, batch 1
+                for i in session.get_inputs() if i.name != "input"}
+        whole = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": x, **feed})))
+        np.testing.assert_allclose(answers[-1]["output"], whole["output"], atol=1e-5, rtol=0)
+    finally:
+        server.stop()
