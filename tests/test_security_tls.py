@@ -9,12 +9,13 @@ import threading
 import grpc
 import numpy as np
 import pytest
+from conftest import require_module
 from reliability.fuzz import encode
 
 from lstm_onnx.protos import grpc_service_pb2 as pb
 from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
 
-x509 = pytest.importorskip("cryptography.x509")
+x509 = require_module("cryptography.x509", "cryptography is not installed (the test extra)")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
