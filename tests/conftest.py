@@ -28,6 +28,15 @@ def require_module(name: str, reason: str):
         missing_tool(f"{reason}: cannot import {name} ({exc})")
 
 
+def pytest_terminal_summary(terminalreporter, config):
+    """pytest-randomly shuffles the order (the test extra); its seed goes in the header, which -q (make test)
+    hides, so it is repeated at the end, beside any failure it may explain."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int) and config.pluginmanager.hasplugin("randomly"):
+        terminalreporter.write_line(f"pytest-randomly: --randomly-seed={seed} reruns this order "
+                                    "(-p no:randomly: file order)")
+
+
 def _train_tiny(out: Path, **model_overrides) -> Path:
     """Train a tiny network for a few steps on the default task (seconds on 2 cores)."""
     from lstm_onnx.model.config import ModelConfig, RunConfig, TrainConfig
