@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(ORT_EXTRA)
 # protobuf<7 and brings kubernetes, fastapi and pandas, none of which our extras should carry.
 KSERVE_VENV ?= $(or $(LSTM_ONNX_KSERVE_VENV),/tmp/kserve-venv)
 
-.PHONY: setup demo test protos reliability bench clean kserve-venv mutation
+.PHONY: setup demo test protos reliability bench clean kserve-venv mlserver-venv mutation
 
 setup: $(STAMP)
 
@@ -45,6 +45,12 @@ bench: setup
 kserve-venv:
 	test -x $(KSERVE_VENV)/bin/python || $(PYTHON) -m venv $(KSERVE_VENV)
 	$(KSERVE_VENV)/bin/python -m pip install -q "kserve==0.21.0"
+
+# MLServer (the bench's Python peer, and tests/test_bench_smoke.py's comparison with it) has its own venv too:
+# $$LSTM_ONNX_MLSERVER_VENV or <temp dir>/mlserver-venv. bench/mlserver.py owns the place and the pinned version
+# (the bench installs the same venv on first use), so this target runs it; it fails when the install does.
+mlserver-venv:
+	$(PYTHON) -m bench.mlserver
 
 clean:
 	rm -rf $(VENV) demo runs build/mutation

@@ -156,3 +156,18 @@ def serve_model(model_path: Path, work: Path, name: str = "lstm", max_batch_size
     folder = write_settings(work / f"mlserver-{name}", model_path, name, max_batch_size, max_batch_time_s,
                             free_port(), free_port(), parallel_workers)
     return start_mlserver(exe, folder)
+
+
+def main() -> int:
+    """`python3 -m bench.mlserver`: install MLServer's venv where venv_dir() says (what `make mlserver-venv` runs);
+    exit 1, saying why, when it cannot be installed."""
+    exe = ensure_venv()
+    if exe is None:
+        print(f"mlserver: no working MLServer {VERSION} in {venv_dir()}", flush=True)
+        return 1
+    print(f"mlserver: MLServer {VERSION} in {venv_dir()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny trained run directories and an exported model repository, built once per session."""
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -15,7 +16,25 @@ def missing_tool(reason: str) -> None:
     every such tool and a skip would hide that the test never ran, so the test fails instead."""
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{reason} (CI=true: .ci/run installs it, so this is a failure, not a skip)")
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def require_module(name: str, reason: str):
+    """The module `name`, imported; when it cannot be, missing_tool(reason): a skip, or a failure in CI, where
+    `make test` installs the extras that bring it (pytest.importorskip would skip there too)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        missing_tool(f"{reason}: cannot import {name} ({exc})")
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """pytest-randomly shuffles the order (the test extra); its seed goes in the header, which -q (make test)
+    hides, so it is repeated at the end, beside any failure it may explain."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int) and config.pluginmanager.hasplugin("randomly"):
+        terminalreporter.write_line(f"pytest-randomly: --randomly-seed={seed} reruns this order "
+                                    "(-p no:randomly: file order)")
 
 
 def _train_tiny(out: Path, **model_overrides) -> Path:

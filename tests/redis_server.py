@@ -1,13 +1,12 @@
 """A real redis-server on a free loopback port for the tests, started and stopped by them (no persistence)."""
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
 import time
 
-import pytest
+from conftest import missing_tool
 
 
 def free_port() -> int:
@@ -20,10 +19,7 @@ def require_redis_server() -> str:
     """The redis-server binary; skips (saying why) when missing, but fails in CI, where .ci/run installs it."""
     binary = shutil.which("redis-server")
     if binary is None:
-        why = "redis-server is not installed (Debian: apt-get install -y redis-server; .ci/run installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(why + ": CI=true, so a missing store fails instead of skipping")
-        pytest.skip(why)
+        missing_tool("redis-server is not installed (Debian: apt-get install -y redis-server; .ci/run installs it)")
     return binary
 
 

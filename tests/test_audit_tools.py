@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 from audit_models import codes, run_cli, save
+from conftest import require_module
 from onnx import TensorProto, helper, numpy_helper
 
 from lstm_onnx.export.audit import audit_model
@@ -319,7 +320,7 @@ def test_audit_refuses_to_fold_ops_off_the_list_or_too_large(tmp_path):
 def _dynamo(net, path: Path) -> Path:
     import torch
 
-    pytest.importorskip("onnxscript", reason="torch's dynamo exporter needs onnxscript (the test extra installs it)")
+    require_module("onnxscript", "torch's dynamo exporter needs onnxscript (the test extra installs it)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(net, (torch.zeros(1, 5, 2),), str(path), dynamo=True)

@@ -9,6 +9,7 @@ import asyncio
 
 import numpy as np
 import pytest
+from conftest import missing_tool
 
 from lstm_onnx.client import loadgen
 
@@ -158,12 +159,14 @@ def test_mlserver_settings_name_the_model_and_adaptive_batching(tiny_repository,
 
 
 def test_mlserver_runtime_answers_like_in_process_onnxruntime(tiny_repository, tmp_path):
-    # Runs only where MLServer's venv exists (make bench creates it); nothing is installed here.
+    # Needs MLServer's venv (`make mlserver-venv`, which .ci/run calls; make bench creates it too); nothing is
+    # installed here. Without it the test skips, or fails under CI=true.
     from bench import mlserver
 
     exe = mlserver.ensure_venv(log=lambda _: None, install=False)
     if exe is None:
-        pytest.skip(f"no MLServer {mlserver.VERSION} venv in {mlserver.venv_dir()}")
+        missing_tool(f"no MLServer {mlserver.VERSION} venv in {mlserver.venv_dir()} (LSTM_ONNX_MLSERVER_VENV; "
+                     "make mlserver-venv installs it)")
     model = tiny_repository / "tiny_lstm" / "1" / "model.onnx"
     folder = mlserver.write_settings(tmp_path / "ml", model, "tiny_lstm", 8, 0.0005, mlserver.free_port(),
                                      mlserver.free_port(), 0)

@@ -9,10 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import missing_tool
+from conftest import missing_tool, require_module
 
 ROOT = Path(__file__).resolve().parent.parent
-yaml = pytest.importorskip("yaml")
+yaml = require_module("yaml", "PyYAML is not installed (the test extra)")
 
 
 @pytest.fixture(scope="module")

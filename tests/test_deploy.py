@@ -10,13 +10,14 @@ import shlex
 from pathlib import Path
 
 import pytest
+from conftest import require_module
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.30"  # the oldest Kubernetes these manifests target (native gRPC probes are GA since 1.27)
-yaml = pytest.importorskip("yaml")
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
-jsonschema = pytest.importorskip("jsonschema")
+yaml = require_module("yaml", "PyYAML is not installed (the test extra)")
+kubernetes_validate = require_module("kubernetes_validate", "kubernetes-validate is not installed (the test extra)")
+jsonschema = require_module("jsonschema", "jsonschema is not installed (the test extra)")
 
 
 def _documents() -> list[tuple[str, dict]]:

@@ -179,6 +179,8 @@ def test_external_reader_reads_exactly_the_declared_bytes(tmp_path):
     (tmp_path / "z.bin").write_bytes(np.arange(4, dtype="<f4").tobytes())
     for entries in ({"location": "z.bin"}, {"location": "z.bin", "offset": "0"}):  # offset defaults to 0
         assert read_external_bytes(_one_tensor(tmp_path / "x", **entries), tmp_path) == (tmp_path / "z.bin").read_bytes()
+    (tmp_path / "z").write_bytes((tmp_path / "z.bin").read_bytes())  # a one-character name is no drive letter
+    assert read_external_bytes(_one_tensor(tmp_path / "x", location="z"), tmp_path) == (tmp_path / "z").read_bytes()
 
 
 @pytest.mark.parametrize("entries, message", [
@@ -192,6 +194,7 @@ def test_external_reader_reads_exactly_the_declared_bytes(tmp_path):
                                         "expected a path inside the model folder"),
     ({"location": "C:w.bin"}, "tensor 'w': external location 'C:w.bin' is absolute, expected a path inside the "
                               "model folder"),
+    ({"location": "C:"}, "tensor 'w': external location 'C:' is absolute, expected a path inside the model folder"),
     ({"location": "sub/../w.bin"}, "tensor 'w': external location 'sub/../w.bin' leaves the model folder"),
     ({"location": "missing.bin"}, "tensor 'w': cannot open external file 'missing.bin' (No such file or directory)"),
     ({"location": "sub"}, "tensor 'w': external location 'sub' is not a regular file"),
@@ -204,6 +207,35 @@ def test_external_reader_refuses_each_bad_reference_with_its_reason(tmp_path, en
     with pytest.raises(ExternalDataError) as caught:
         read_external_bytes(tensor, tmp_path / "m")
     assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("links", [2, 3])
+def test_external_reader_refuses_a_hard_linked_file_saying_why(tmp_path, links):
+    # The whole message: what is wrong (the file's link count), what is expected (1), and why it matters.
+    from lstm_onnx.export.audit.external import ExternalDataError, read_external_bytes
+
+    tensor = _one_tensor(tmp_path / "m", location="w.bin", offset="8")
+    for n in range(1, links):
+        os.link(tmp_path / "m" / "w.bin", tmp_path / f"elsewhere-{n}.bin")
+    with pytest.raises(ExternalDataError) as caught:
+        read_external_bytes(tensor, tmp_path / "m")
+    assert str(caught.value) == (f"tensor 'w': external file 'w.bin' has {links} hard links, expected 1 "
+                                 "(a hard link can expose a file from outside the model folder)")
+
+
+def test_external_reader_opens_without_following_a_symlink_swapped_in_after_the_check(tmp_path, monkeypatch):
+    # The race O_NOFOLLOW closes: the location passed the symlink walk, then became a symlink before the open.
+    # Staged without timing: the walk is made to return the symlink it would have refused.
+    from lstm_onnx.export.audit import external
+
+    tensor = _one_tensor(tmp_path / "m", location="w.bin", offset="8")
+    (tmp_path / "secret.bin").write_bytes(b"\x00" * 24)
+    (tmp_path / "m" / "w.bin").unlink()
+    (tmp_path / "m" / "w.bin").symlink_to(tmp_path / "secret.bin")
+    monkeypatch.setattr(external, "_resolve_inside", lambda where, base, location: base / location)
+    with pytest.raises(external.ExternalDataError) as caught:
+        external.read_external_bytes(tensor, tmp_path / "m")
+    assert str(caught.value) == "tensor 'w': cannot open external file 'w.bin' (Too many levels of symbolic links)"
 
 
 def test_external_reader_sizes_packed_4_bit_tensors():

@@ -8,12 +8,15 @@ import threading
 import grpc
 import numpy as np
 import pytest
-from pki import issue as _issue
-from pki import write as _write
+from conftest import require_module
 from reliability.fuzz import encode
 
 from lstm_onnx.protos import grpc_service_pb2 as pb
 from lstm_onnx.protos import grpc_service_pb2_grpc as pb_grpc
+
+require_module("cryptography.x509", "cryptography is not installed (the test extra)")
+from pki import issue as _issue  # noqa: E402
+from pki import write as _write  # noqa: E402
 
 MODEL = "tiny_lstm"
 

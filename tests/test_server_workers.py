@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-import pytest
+from conftest import require_module
 from server_models import sample_input
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,7 +105,7 @@ def test_event_loop_setting_picks_uvloop_when_installed():
 
     from lstm_onnx.server.app import run_event_loop
 
-    pytest.importorskip("uvloop", reason="uvloop is not installed (the serve extra brings it on Linux)")
+    require_module("uvloop", "uvloop is not installed (the serve extra brings it on Linux)")
 
     async def loop_module() -> str:
         return type(asyncio.get_running_loop()).__module__
