@@ -264,3 +264,47 @@ def test_external_data_is_checked_wherever_a_model_holds_a_tensor(tmp_path, plac
     path = _write(tmp_path, PLACES[place]())
     assert _refusal(path) == (f"{path}: tensor 't': external location '../outside.bin' leaves the model folder, "
                               "expected a relative path inside it")
+
+
+def _unreadable_regular_file(tmp_path: Path) -> Path | None:
+    """A regular file that open(O_RDONLY) refuses: mode 000 for a normal user; for root (whom modes do not stop)
+    a write-only sysfs attribute, which the kernel refuses to open for reading."""
+    if os.geteuid() != 0:
+        path = tmp_path / "locked"
+        path.write_bytes(b"x")
+        path.chmod(0)
+        return path
+    for candidate in [Path("/sys/bus/pci/rescan"), Path("/sys/class/zram-control/hot_remove"),
+                      *Path("/sys/devices").glob("pci*/*/rescan")]:
+        try:
+            st = candidate.stat()
+        except OSError:
+            continue
+        if candidate.is_file() and not st.st_mode & 0o444:
+            return candidate
+    return None
+
+
+def test_a_regular_file_that_cannot_be_opened_is_refused_with_the_reason(tmp_path):
+    path = _unreadable_regular_file(tmp_path)
+    if path is None:
+        pytest.skip("no regular file here that open() refuses")
+    with pytest.raises(ModelFileError) as info:
+        read_regular_file(path, 100, "lim")
+    assert str(info.value) == f"{path}: cannot be opened (Permission denied)"
+
+
+def test_open_regular_without_following_refuses_a_symlink_itself(tmp_path):
+    # The backstop under the external-data walk: the descriptor is opened on the link's own stat, not its target's.
+    from lstm_onnx.server.model_file import _open_regular
+
+    (tmp_path / "real").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(ModelFileError) as info:
+        _open_regular(tmp_path / "link", "what", follow=False)
+    assert str(info.value) == "what: not a regular file, expected a regular file"
+    fd = _open_regular(tmp_path / "link", "what")
+    try:
+        assert os.read(fd, 10) == b"x"
+    finally:
+        os.close(fd)
