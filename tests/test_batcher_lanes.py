@@ -30,6 +30,25 @@ from lstm_onnx.server.padding import RaggedPlan
 from lstm_onnx.server.runtime import Stopped
 
 HOUR_US = 3_600_000_000
+# Every wait in these tests is bounded by WAIT seconds (they take milliseconds): a mutant that leaves a request
+# unanswered fails the test at once instead of hanging it (a blocked wait uses no CPU, so mutmut's CPU-time
+# limit would not stop it). Held runs are released after each test, passed or failed.
+WAIT = 5
+RUNTIMES: list = []
+
+
+def run(main):
+    return asyncio.run(asyncio.wait_for(main, WAIT))
+
+
+@pytest.fixture(autouse=True)
+def _release_held_runs():
+    yield
+    for runtime in RUNTIMES:
+        for gate in (*getattr(runtime, "gates", {}).values(), getattr(runtime, "gate", None)):
+            if gate is not None:
+                gate.set()
+    RUNTIMES.clear()
 
 
 class Clock:
@@ -55,6 +74,7 @@ class Runtime:
     name, version = "m", 3
 
     def __init__(self, time_input=None, ragged=False, budget=0):
+        RUNTIMES.append(self)
         self.calls: list[tuple[np.ndarray, np.ndarray | None]] = []
         self.gates: dict[int, threading.Event] = {}  # run number -> held until set
         self.started = [threading.Event() for _ in range(16)]  # run number -> set when it has started
@@ -70,7 +90,7 @@ class Runtime:
         self.calls.append((inputs["x"].copy(), None if lengths is None else lengths.copy()))
         self.started[number].set()
         if number in self.gates:
-            assert self.gates[number].wait(60)
+            assert self.gates[number].wait(WAIT)
         self.terminated.append(bool(run_options is not None and run_options.terminate))
         if self.terminated[-1]:
             raise Stopped("terminated")
@@ -89,7 +109,7 @@ class Runtime:
 
 
 async def _started(runtime, number: int) -> None:
-    assert await asyncio.get_running_loop().run_in_executor(None, runtime.started[number].wait, 60)
+    assert await asyncio.get_running_loop().run_in_executor(None, runtime.started[number].wait, WAIT)
 
 
 class Metrics:
@@ -173,7 +193,7 @@ def test_split_outputs_gives_each_request_its_rows_and_refuses_outputs_without_t
 
 def test_unmerged_lane_runs_each_request_and_times_it():
     lane, runtime, metrics = _lane(merge=False)
-    out, timing = asyncio.run(lane.infer(_x(3), 1))
+    out, timing = run(lane.infer(_x(3), 1))
     np.testing.assert_array_equal(out["y"], [[6, 6]])
     # Clock readings 100 (start), 200 (began), 400 (ended), 800 (split).
     assert timing == Timing(0, 100, 200, 400)
@@ -184,11 +204,11 @@ def test_idle_lane_runs_inline_and_records_the_run():
     lane, runtime, metrics = _lane(delay_us=HOUR_US)
 
     async def main():
-        out = await asyncio.wait_for(lane.infer(_x(4, rows=2), 2), 60)
+        out = await asyncio.wait_for(lane.infer(_x(4, rows=2), 2), WAIT)
         await asyncio.sleep(0)  # the job's done callback
         return out
 
-    out, timing = asyncio.run(main())
+    out, timing = run(main())
     np.testing.assert_array_equal(out["y"], [[8, 8], [8, 8]])
     assert timing == Timing(0, 100, 200, 400)
     assert metrics.executions == [("m", "3", 2, 100, 200, 0)]
@@ -201,7 +221,7 @@ def test_requests_queued_behind_a_run_merge_into_one_and_each_gets_its_rows():
     async def main():
         return await _behind_a_held_run(lane, runtime, [(_x(1), 1), (_x(2, rows=2), 2), (_x(3), 1)])
 
-    (first, _), rest = asyncio.run(main())
+    (first, _), rest = run(main())
     np.testing.assert_array_equal(first["y"], [[0, 0]])
     assert [r[0]["y"][:, 0].tolist() for r in rest] == [[2], [4, 4], [6]]
     assert len(runtime.calls) == 2
@@ -221,7 +241,7 @@ def test_queued_requests_with_other_keys_or_beyond_max_batch_size_run_apart():
         return await _behind_a_held_run(lane, runtime, [(_x(1, rows=2), 2), (_x(2, width=3), 1), (_x(3), 1),
                                                         (_x(4, rows=2), 2), (_x(5, width=3), 1)])
 
-    _, rest = asyncio.run(main())
+    _, rest = run(main())
     assert [r[0]["y"][:, 0].tolist() for r in rest] == [[2, 2], [4], [6], [8, 8], [10]]
     # Runs: the held one; [1, 1, 3] (2 + 1 rows, the width-3 request kept); [2, 5] (width 3); [4, 4].
     assert [c[0][:, 0].tolist() for c in runtime.calls[1:]] == [[1, 1, 3], [2, 5], [4, 4]]
@@ -229,17 +249,32 @@ def test_queued_requests_with_other_keys_or_beyond_max_batch_size_run_apart():
 
 
 def test_a_merged_run_stays_within_the_memory_budget():
-    # estimate = rows * steps; budget 10. Steps 4 + 4 fit (2 * 4 = 8); a third of 4 would be 12; a request
-    # of 6 steps joins none (2 * 6 = 12) but runs alone (a first request is always taken).
-    lane, runtime, metrics = _lane(Runtime(budget=10))
+    # estimate = rows * steps; budget 8. Steps 4 + 4 fit exactly (2 * 4 = 8); a third of 4 would be 12; a
+    # request of 6 steps joins none (2 * 6 = 12) but runs alone (a first request is always taken).
+    lane, runtime, metrics = _lane(Runtime(budget=8))
 
     async def main():
         return await _behind_a_held_run(lane, runtime, [(_x(1), 1, 4), (_x(2), 1, 4), (_x(3), 1, 4),
                                                         (_x(4), 1, 6), (_x(5), 1, 2)])
 
-    _, rest = asyncio.run(main())
+    _, rest = run(main())
     assert [r[0]["y"][0, 0] for r in rest] == [2, 4, 6, 8, 10]
     assert [c[0][:, 0].tolist() for c in runtime.calls[1:]] == [[1, 2], [3, 5], [4]]
+
+
+@pytest.mark.parametrize("budget, runs", [(1, [[1, 2]]), (0, [[1, 2, 3]])])
+def test_without_steps_or_without_a_budget_memory_does_not_split_runs(budget, runs):
+    # Requests without a time input (0 steps) estimate 0 bytes whatever their rows; a model with a memory
+    # estimate but no budget (0) merges as if it had no estimate. max_batch_size 2 or 3 bounds the run instead.
+    runtime = Runtime(budget=1)
+    runtime.max_run_memory_bytes = budget
+    lane, runtime, metrics = _lane(runtime, max_batch_size=2 if budget else 3)
+
+    async def main():
+        return await _behind_a_held_run(lane, runtime, [(_x(v), 1, 0) for v in (1, 2, 3)][:3 if not budget else 2])
+
+    _, rest = run(main())
+    assert [c[0][:, 0].tolist() for c in runtime.calls[1:]] == runs
 
 
 def test_ragged_lane_pads_within_a_bucket_and_passes_each_rows_length():
@@ -251,7 +286,7 @@ def test_ragged_lane_pads_within_a_bucket_and_passes_each_rows_length():
     async def main():
         return await _behind_a_held_run(lane, runtime, [(a, 1, 2), (b, 1, 3), (far, 1, SHORT_STEPS + 1)])
 
-    _, rest = asyncio.run(main())
+    _, rest = run(main())
     np.testing.assert_array_equal(rest[0][0]["y"][0, :, 0], [4, 4, 2])  # 2x + length 2; the pad row: 0 + 2
     np.testing.assert_array_equal(rest[1][0]["y"][0, :, 0], [7, 7, 7])
     assert rest[2][0]["y"].shape == (1, SHORT_STEPS + 1, 1)
@@ -265,7 +300,7 @@ def test_one_bad_request_in_a_merged_run_fails_alone():
     async def main():
         return await _behind_a_held_run(lane, runtime, [(_x(1), 1), (_x(-1), 1), (_x(3), 1)])
 
-    _, rest = asyncio.run(main())
+    _, rest = run(main())
     assert rest[0][0]["y"][0, 0] == 2 and rest[2][0]["y"][0, 0] == 6
     assert isinstance(rest[1], ValueError) and str(rest[1]) == "bad row"
     assert [c[0][:, 0].tolist() for c in runtime.calls[1:]] == [[1, -1, 3], [1], [-1], [3]]
@@ -290,7 +325,7 @@ def test_an_abandoned_queued_request_leaves_the_queue_and_is_never_run():
         await first
         return await kept
 
-    out, _ = asyncio.run(main())
+    out, _ = run(main())
     assert out["y"][0, 0] == 4
     assert [c[0][:, 0].tolist() for c in runtime.calls] == [[0], [2]]
 
@@ -318,7 +353,7 @@ def test_a_run_whose_callers_all_left_is_terminated_and_counted_stopped():
         await lane._worker
         return queued
 
-    asyncio.run(main())
+    run(main())
     assert [c[0][:, 0].tolist() for c in runtime.calls] == [[0], [1, 2]]
     assert metrics.stopped == [("m", "3")]
     assert [e[2] for e in metrics.executions] == [1]
@@ -343,7 +378,7 @@ def test_a_merged_run_with_one_caller_left_is_not_terminated():
         merged.set()
         return await queued[1]
 
-    out, _ = asyncio.run(main())
+    out, _ = run(main())
     assert out["y"][0, 0] == 4
     assert metrics.stopped == []
     assert [e[2] for e in metrics.executions] == [1, 2]
@@ -364,7 +399,7 @@ def test_a_cancelled_inline_caller_terminates_its_run_and_the_queue_behind_it_st
         gate.set()
         return await second
 
-    out, timing = asyncio.run(main())
+    out, timing = run(main())
     assert out["y"][0, 0] == 10
     assert metrics.stopped == [("m", "3")]
     assert [e[2] for e in metrics.executions] == [1]
@@ -383,13 +418,14 @@ def test_a_cancelled_unmerged_caller_terminates_its_run():
         gate.set()
         await asyncio.get_running_loop().run_in_executor(lane.executor, lambda: None)  # the run has ended
 
-    asyncio.run(main())
+    run(main())
     assert runtime.terminated == [True] and metrics.executions == []
 
 
 def test_under_load_the_batch_waits_for_arrivals_until_it_is_full():
-    # Queue delay one hour, max_batch_size 3: after the held run the next batch (1 row) waits; the two that
-    # arrive then fill it, and it runs at once, as one run.
+    # Queue delay one hour, max_batch_size 3: after the held run the next batch (1 row) waits; a request of
+    # another width arriving then does not join it; the two of its width that arrive fill it, and it runs at
+    # once, as one run; the other width (3 rows, a full batch) runs after it.
     lane, runtime, metrics = _lane(max_batch_size=3, delay_us=HOUR_US)
 
     async def main():
@@ -402,12 +438,16 @@ def test_under_load_the_batch_waits_for_arrivals_until_it_is_full():
         await first
         while lane._queue:  # the drain task takes the waiting request
             await asyncio.sleep(0)
+        other = asyncio.ensure_future(lane.infer(_x(9, rows=3, width=3), 3))  # a full batch: runs without waiting
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert [item.inputs["x"][0, 0] for item in lane._queue] == [9]  # not taken into the waiting batch
         late = [asyncio.ensure_future(lane.infer(_x(v), 1)) for v in (2, 3)]
-        return await asyncio.wait_for(asyncio.gather(waiting, *late), 60)
+        return await asyncio.wait_for(asyncio.gather(waiting, *late, other), WAIT)
 
-    rest = asyncio.run(main())
-    assert [r[0]["y"][0, 0] for r in rest] == [2, 4, 6]
-    assert [c[0][:, 0].tolist() for c in runtime.calls] == [[0], [1, 2, 3]]
+    rest = run(main())
+    assert [r[0]["y"][0, 0] for r in rest] == [2, 4, 6, 18]
+    assert [c[0][:, 0].tolist() for c in runtime.calls] == [[0], [1, 2, 3], [9, 9, 9]]
 
 
 def test_under_load_without_a_delay_nothing_waits():
@@ -421,9 +461,9 @@ def test_under_load_without_a_delay_nothing_waits():
         await asyncio.sleep(0)
         gate.set()
         await first
-        return await asyncio.wait_for(waiting, 60)
+        return await asyncio.wait_for(waiting, WAIT)
 
-    out, _ = asyncio.run(main())
+    out, _ = run(main())
     assert out["y"][0, 0] == 2
 
 
@@ -445,6 +485,53 @@ def test_long_requests_run_in_their_own_lane_beside_short_ones():
         assert batcher.short._worker is not None
         return edge
 
-    out, _ = asyncio.run(main())
+    out, _ = run(main())
     assert out["y"][0, 0, 0] == 4
     assert batcher._queue == []
+
+
+class Plain:
+    """A runtime with none of the optional attributes (no time input, ragged plan or memory estimate)."""
+
+    name, version = "p", 7
+
+    def __init__(self):
+        RUNTIMES.append(self)
+        self.calls = []
+        self.gate, self.started = threading.Event(), threading.Event()
+
+    def predict(self, inputs, outputs=None, lengths=None, run_options=None):
+        self.calls.append(inputs["x"][:, 0].tolist())
+        self.started.set()
+        if len(self.calls) == 1:
+            assert self.gate.wait(WAIT)
+        return {"y": inputs["x"] + 1}
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_the_batcher_passes_its_settings_to_the_lane_that_runs(merge):
+    runtime, metrics = Plain(), Metrics()
+    batcher = DynamicBatcher(runtime, ThreadPoolExecutor(1), metrics, 2, 0, merge, clock=Clock())
+
+    async def main():
+        first = asyncio.ensure_future(batcher.infer(_x(0), 1))
+        assert await asyncio.get_running_loop().run_in_executor(None, runtime.started.wait, WAIT)
+        rest = [asyncio.ensure_future(batcher.infer(_x(v), 1)) for v in (1, 2, 3)]
+        await asyncio.sleep(0)
+        runtime.gate.set()
+        return await asyncio.wait_for(asyncio.gather(first, *rest), WAIT)
+
+    answers = run(main())
+    assert [a[0]["y"][0, 0] for a in answers] == [1, 2, 3, 4]
+    assert batcher.long._worker is None and batcher.short._queue == []
+    if merge:
+        assert runtime.calls == [[0], [1, 2], [3]]  # max_batch_size 2
+        assert [e[:3] for e in metrics.executions] == [("p", "7", 1), ("p", "7", 2), ("p", "7", 1)]
+        # Clock: 100 start, 200 began, 400/800/1600 three enqueued, 3200 ended, ... as in the lane's own test.
+        assert answers[0][1] == Timing(0, 100, 3000, 9600)
+        assert answers[1][1] == Timing(6000, 19200, 25600, 51200)
+        assert metrics.executions == [("p", "7", 1, 100, 3000, 0), ("p", "7", 2, 19200, 25600, 51200),
+                                      ("p", "7", 1, 204800, 409600, 819200)]
+    else:
+        assert runtime.calls == [[0], [1], [2], [3]]
+        assert [e[:3] for e in metrics.executions] == [("p", "7", 1)] * 4
