@@ -35,6 +35,7 @@ HOUR_US = 3_600_000_000
 # limit would not stop it). Held runs are released after each test, passed or failed.
 WAIT = 5
 RUNTIMES: list = []
+pytestmark = pytest.mark.timeout(4 * WAIT)  # a mutant that spins the event loop (no await) is stopped too
 
 
 def run(main):
@@ -79,6 +80,7 @@ class Runtime:
         self.gates: dict[int, threading.Event] = {}  # run number -> held until set
         self.started = [threading.Event() for _ in range(16)]  # run number -> set when it has started
         self.terminated: list[bool] = []
+        self.threads: list[str] = []
         self.time_input = time_input
         if ragged:
             self.ragged = RaggedPlan(time_input)
@@ -88,6 +90,7 @@ class Runtime:
     def predict(self, inputs, outputs=None, lengths=None, run_options=None):
         number = len(self.calls)
         self.calls.append((inputs["x"].copy(), None if lengths is None else lengths.copy()))
+        self.threads.append(threading.current_thread().name)
         self.started[number].set()
         if number in self.gates:
             assert self.gates[number].wait(WAIT)
@@ -470,23 +473,33 @@ def test_under_load_without_a_delay_nothing_waits():
 def test_long_requests_run_in_their_own_lane_beside_short_ones():
     runtime = Runtime(time_input="x")
     metrics = Metrics()
-    batcher = DynamicBatcher(runtime, ThreadPoolExecutor(2), metrics, 8, 0, True, clock=Clock())
-    long_x = {"x": np.full((1, LONG_STEPS + 1, 1), 1, np.float32)}
-    edge_x = {"x": np.full((1, LONG_STEPS, 1), 2, np.float32)}
+    batcher = DynamicBatcher(runtime, ThreadPoolExecutor(2, thread_name_prefix="given"), metrics, 8, 0, True,
+                             clock=Clock())
+    long_x = [{"x": np.full((1, LONG_STEPS + 1, 1), v, np.float32)} for v in (1, 2, 3)]
+    edge_x = {"x": np.full((1, LONG_STEPS, 1), 5, np.float32)}
 
     async def main():
         gate = runtime.hold(0)
-        slow = asyncio.ensure_future(batcher.infer(long_x, 1))
+        slow = asyncio.ensure_future(batcher.infer(long_x[0], 1))
         await _started(runtime, 0)
-        assert batcher.long._worker is not None and batcher.short._worker is None
+        queued = [asyncio.ensure_future(batcher.infer(x, 1)) for x in long_x[1:]]
+        await asyncio.sleep(0)
+        assert len(batcher.long._queue) == 2 and batcher.short._worker is None
+        edge = await batcher.infer(edge_x, 1)  # T = LONG_STEPS: the short lane, not held by the long run
+        assert len(batcher.long._queue) == 2 and batcher._queue == batcher.long._queue
         gate.set()
-        await slow
-        edge = await batcher.infer(edge_x, 1)
-        assert batcher.short._worker is not None
-        return edge
+        return edge, await slow, await asyncio.gather(*queued)
 
-    out, _ = run(main())
-    assert out["y"][0, 0, 0] == 4
+    edge, slow, queued = run(main())
+    assert edge[0]["y"][0, 0, 0] == 10 and slow[0]["y"][0, 0, 0] == 2
+    assert [q[0]["y"][0, 0, 0] for q in queued] == [4, 6]
+    assert [c[0][:, 0, 0].tolist() for c in runtime.calls] == [[1], [5], [2, 3]]
+    assert all(name.startswith("given") for name in runtime.threads)
+    # One clock for both lanes (2x further each reading): the phases of each run, as the lanes read it.
+    assert edge[1] == Timing(0, 1600, 3200, 6400) and slow[1] == Timing(0, 100, 25400, 76800)
+    assert [q[1] for q in queued] == [Timing(50800, 153600, 204800, 409600), Timing(50400, 153600, 204800, 409600)]
+    assert metrics.executions == [("m", "3", 1, 1600, 3200, 0), ("m", "3", 1, 100, 25400, 0),
+                                  ("m", "3", 2, 153600, 204800, 409600)]
     assert batcher._queue == []
 
 
@@ -497,11 +510,12 @@ class Plain:
 
     def __init__(self):
         RUNTIMES.append(self)
-        self.calls = []
+        self.calls, self.threads = [], []
         self.gate, self.started = threading.Event(), threading.Event()
 
     def predict(self, inputs, outputs=None, lengths=None, run_options=None):
         self.calls.append(inputs["x"][:, 0].tolist())
+        self.threads.append(threading.current_thread().name)
         self.started.set()
         if len(self.calls) == 1:
             assert self.gate.wait(WAIT)
@@ -511,7 +525,8 @@ class Plain:
 @pytest.mark.parametrize("merge", [True, False])
 def test_the_batcher_passes_its_settings_to_the_lane_that_runs(merge):
     runtime, metrics = Plain(), Metrics()
-    batcher = DynamicBatcher(runtime, ThreadPoolExecutor(1), metrics, 2, 0, merge, clock=Clock())
+    batcher = DynamicBatcher(runtime, ThreadPoolExecutor(1, thread_name_prefix="given"), metrics, 2, 0, merge,
+                             clock=Clock())
 
     async def main():
         first = asyncio.ensure_future(batcher.infer(_x(0), 1))
@@ -524,6 +539,7 @@ def test_the_batcher_passes_its_settings_to_the_lane_that_runs(merge):
     answers = run(main())
     assert [a[0]["y"][0, 0] for a in answers] == [1, 2, 3, 4]
     assert batcher.long._worker is None and batcher.short._queue == []
+    assert all(name.startswith("given") for name in runtime.threads)
     if merge:
         assert runtime.calls == [[0], [1, 2], [3]]  # max_batch_size 2
         assert [e[:3] for e in metrics.executions] == [("p", "7", 1), ("p", "7", 2), ("p", "7", 1)]
