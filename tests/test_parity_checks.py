@@ -121,6 +121,16 @@ def test_resolve_providers_maps_names_and_refuses_what_is_missing():
                                    f"(available: {', '.join(available)})")
 
 
+def test_resolve_providers_with_cuda_present(monkeypatch):
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert resolve_providers("all") == ["CPUExecutionProvider", "CUDAExecutionProvider"]
+    assert resolve_providers("cuda") == ["CUDAExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert resolve_providers("all") == CPU
+
+
 def test_open_session_takes_a_path_or_bytes_on_one_thread(lstm, tmp_path):
     _, model = lstm
     path = tmp_path / "m.onnx"
@@ -172,6 +182,11 @@ def test_a_faithful_lstm_passes_every_case_of_the_matrix(lstm):
         assert report["fp32_floor"][name] == max(c["fp32_floor"][name] for c in report["cases"])
         assert 0 < report["fp32_floor"][name] < 1e-5 and report["worst_abs_error"][name] < 1e-4
     assert report["tolerance_that_would_pass"] == max(report["atol_needed"].values()) > 0
+    # That tolerance passes every case exactly at the edge, without the floor rule, and none by the floor.
+    edge = report["tolerance_that_would_pass"]
+    assert run_parity(net, model, CPU, atol=edge, floor_factor=0.0)["passed"] is True
+    assert run_parity(net, model, CPU, atol=edge, floor_factor=1e6)["cases_passed_by_floor"] == 0
+    assert run_parity(net, model, CPU, atol=edge * 0.999, floor_factor=0.0)["passed"] is False
     # Zero input with zero state: every output is the same in FP32 and FP64 only by chance; the floor is
     # measured, not assumed. Large inputs saturate the gates: hn is then near +-1.
     large = _cases(report)[("large-nostate", 16, 64)]
