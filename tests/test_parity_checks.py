@@ -131,6 +131,33 @@ def test_resolve_providers_with_cuda_present(monkeypatch):
     assert resolve_providers("all") == CPU
 
 
+def test_open_session_asks_cuda_for_true_fp32_and_refuses_a_fallback(monkeypatch, lstm):
+    # No CUDA onnxruntime here: a stand-in session records what was asked for, and answers with the provider
+    # onnxruntime would have chosen.
+    import onnxruntime as ort
+
+    asked = []
+
+    class Session:
+        def __init__(self, source, sess_options=None, providers=None):
+            asked.append((source, providers))
+            self.chosen = chosen
+
+        def get_providers(self):
+            return self.chosen
+
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    _, model = lstm
+    chosen = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert open_session(model, "CUDAExecutionProvider").chosen == chosen
+    chosen = ["CPUExecutionProvider"]
+    open_session("m.onnx", "CPUExecutionProvider")
+    assert asked == [(model, [("CUDAExecutionProvider", {"use_tf32": "0"})]), ("m.onnx", ["CPUExecutionProvider"])]
+    with pytest.raises(ParityError) as info:
+        open_session(model, "CUDAExecutionProvider")
+    assert str(info.value) == "onnxruntime fell back to CPUExecutionProvider when asked for CUDAExecutionProvider"
+
+
 def test_open_session_takes_a_path_or_bytes_on_one_thread(lstm, tmp_path):
     _, model = lstm
     path = tmp_path / "m.onnx"
@@ -187,6 +214,9 @@ def test_a_faithful_lstm_passes_every_case_of_the_matrix(lstm):
     assert run_parity(net, model, CPU, atol=edge, floor_factor=0.0)["passed"] is True
     assert run_parity(net, model, CPU, atol=edge, floor_factor=1e6)["cases_passed_by_floor"] == 0
     assert run_parity(net, model, CPU, atol=edge * 0.999, floor_factor=0.0)["passed"] is False
+    # No provider: nothing run, nothing failed, nothing needed.
+    empty = run_parity(net, model, [])
+    assert (empty["passed"], empty["cases_run"], empty["tolerance_that_would_pass"]) == (True, 0, 0.0)
     # Zero input with zero state: every output is the same in FP32 and FP64 only by chance; the floor is
     # measured, not assumed. Large inputs saturate the gates: hn is then near +-1.
     large = _cases(report)[("large-nostate", 16, 64)]
