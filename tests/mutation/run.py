@@ -27,10 +27,10 @@ MODULES: dict[str, list[str]] = {
         "and not untrained"],
     "lstm_onnx/protocol/codec.py": ["--noconftest", "tests/test_protocol_codec.py"],
     "lstm_onnx/server/sequences.py": ["--noconftest", "tests/test_server_sequence_store.py"],
-    "lstm_onnx/server/batcher.py": ["tests/test_server_batching.py"],
-    "lstm_onnx/server/model_file.py": ["tests/test_security_files.py"],
+    "lstm_onnx/server/batcher.py": ["--noconftest", "tests/test_batcher_lanes.py"],
+    "lstm_onnx/server/model_file.py": ["--noconftest", "tests/test_model_file_checks.py"],
     "lstm_onnx/export/audit/external.py": ["--noconftest", "tests/test_external_data.py", "-k", "audit or external_reader"],
-    "lstm_onnx/export/parity.py": ["tests/test_export.py", "-k", "verify"],
+    "lstm_onnx/export/parity.py": ["--noconftest", "tests/test_parity_checks.py"],
 }
 
 
