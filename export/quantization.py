@@ -47,7 +47,8 @@ def quantize_int8(float_path: str | Path, out_path: str | Path, per_channel: boo
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "consider pre-processing": shape inference adds nothing to an LSTM graph
-        quantize_dynamic(str(float_path), str(out_path), per_channel=per_channel, weight_type=QuantType.QInt8)
+        quantize_dynamic(str(float_path), str(out_path), per_channel=per_channel, weight_type=QuantType.QInt8,
+                         reduce_range=True)  # 7-bit weights: no u8s8 saturation on CPUs without VNNI (AVX2 only)
 
 
 def build_int8_model(net: Any, float_path: str | Path, contract: dict[str, Any], float_ref: dict[str, Any],
