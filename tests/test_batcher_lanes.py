@@ -333,20 +333,25 @@ def test_an_abandoned_queued_request_leaves_the_queue_and_is_never_run():
     assert [c[0][:, 0].tolist() for c in runtime.calls] == [[0], [2]]
 
 
+async def _a_merged_pair_held(lane, runtime):
+    """One run held while two more requests queue; then the first ends, and the pair runs merged, held."""
+    gate = runtime.hold(0)
+    first = asyncio.ensure_future(lane.infer(_x(0), 1))
+    await _started(runtime, 0)
+    queued = [asyncio.ensure_future(lane.infer(_x(v), 1)) for v in (1, 2)]
+    await asyncio.sleep(0)
+    merged = runtime.hold(1)
+    gate.set()
+    await first
+    await _started(runtime, 1)
+    return queued, merged
+
+
 def test_a_run_whose_callers_all_left_is_terminated_and_counted_stopped():
     lane, runtime, metrics = _lane()
 
     async def main():
-        gate = runtime.hold(0)
-        first = asyncio.ensure_future(lane.infer(_x(0), 1))
-        await _started(runtime, 0)
-        queued = [asyncio.ensure_future(lane.infer(_x(v), 1)) for v in (1, 2)]
-        await asyncio.sleep(0)
-        merged = runtime.hold(1)
-        gate.set()
-        await first
-        # The queued pair is now one run, held; both callers go.
-        await _started(runtime, 1)
+        queued, merged = await _a_merged_pair_held(lane, runtime)  # both callers go
         queued[0].cancel()
         await asyncio.sleep(0)
         queued[1].cancel()
@@ -366,15 +371,7 @@ def test_a_merged_run_with_one_caller_left_is_not_terminated():
     lane, runtime, metrics = _lane()
 
     async def main():
-        gate = runtime.hold(0)
-        first = asyncio.ensure_future(lane.infer(_x(0), 1))
-        await _started(runtime, 0)
-        queued = [asyncio.ensure_future(lane.infer(_x(v), 1)) for v in (1, 2)]
-        await asyncio.sleep(0)
-        merged = runtime.hold(1)
-        gate.set()
-        await first
-        await _started(runtime, 1)
+        queued, merged = await _a_merged_pair_held(lane, runtime)
         queued[0].cancel()
         await asyncio.sleep(0)
         await asyncio.sleep(0)
