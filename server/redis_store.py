@@ -564,8 +564,11 @@ class RedisSequenceStore(SequenceStore):
         return await self.redis.zcount(self._live_key, now_ms, "+inf")
 
     async def close(self) -> None:
-        tasks = self._tracker_tasks
+        tasks, tracker = self._tracker_tasks, self._tracker
+        self._tracker = None  # closed here, not in the background
         self._stop_tracking()
+        if tracker is not None:
+            await tracker.disconnect()
         for task in tasks:
             try:
                 await task
@@ -573,7 +576,6 @@ class RedisSequenceStore(SequenceStore):
                 pass
         for connection in self._reads.connections + self._writes.connections:
             await connection.disconnect()
-        await self._tracker_pool.disconnect()
         await self.redis.aclose()
 
 
