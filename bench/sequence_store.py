@@ -118,7 +118,7 @@ def measure(work: Path, rounds: int, seconds: float, top: int = 64, log=print) -
     try:
         for round_index in range(rounds):
             url = f"redis://127.0.0.1:{port}/0"
-            for label, store, extra in (("memory", "memory", ()), ("redis", url, ()),
+            for label, store, extra in (("memory", "memory", ()), ("redis", url, ("--sequence-store-copies", "true")),
                                         ("redis, copies off", url, ("--sequence-store-copies", "false"))):
                 server, metrics_port = start_server(repo, store, extra)
                 with server:
@@ -148,9 +148,9 @@ def render(f: dict) -> str:
     lines = [BEGIN, "## Sequence store: Redis against memory (stream steps, T=1)", "",
              f"Written by `python -m bench.sequence_store`: the default bench model ({f['model']['num_layers']} layers, "
              f"hidden {f['model']['hidden_size']}) served with `--sequence-store memory`, and with a local "
-             f"redis-server ({f['redis_version'].split(' sha')[0]}, no persistence, loopback) both as it runs by "
-             "default (a replica continues the sequences it wrote from its own copy, which Redis invalidates when "
-             "another process writes the key: one round trip per step) and with `--sequence-store-copies false` "
+             f"redis-server ({f['redis_version'].split(' sha')[0]}, no persistence, loopback) both with "
+             "`--sequence-store-copies true` (a replica continues the sequences it wrote from its own copy, which Redis invalidates when "
+             "another process writes the key: one round trip per step) and with `--sequence-store-copies false`, the default "
              "(a read and a compare-and-set per step, what a sequence that alternates between replicas costs), in "
              "turn for "
              f"{f['rounds']} rounds of {f['seconds']:g} s per level, medians of the rounds. Each stream carries one "

@@ -83,10 +83,11 @@ class ServerSettings:
                                    "redis://HOST:PORT/DB, rediss:// for TLS (password from env "
                                    "LSTM_ONNX_SEQUENCE_STORE_PASSWORD): shared by replicas and workers, survives "
                                    "restarts; see docs/scale-out.md")
-    sequence_store_copies: str = _setting("true", "with a redis:// sequence store: a replica continues a sequence "
-                                          "whose last step it wrote from its own copy of that state, with no "
-                                          "read, while Redis (CLIENT TRACKING) has not told it another process "
-                                          "wrote the key; false reads Redis at every step (one more round trip)")
+    sequence_store_copies: str = _setting("false", "with a redis:// sequence store, true lets a replica continue a "
+                                          "sequence whose last step it wrote from its own copy of that state, with "
+                                          "no read, while Redis (CLIENT TRACKING) has not told it another process "
+                                          "wrote the key (one round trip a step instead of two); opt-in: see "
+                                          "docs/scale-out.md for the stale copy seen under CPU load")
     request_timeout_s: float = _setting(60.0, "longest one request may spend in the server (queue and run) before it "
                                         "gets DEADLINE_EXCEEDED; 0 means no limit")
     max_concurrent_streams: int = _setting(256, "most ModelStreamInfer streams open at once in one server process "

@@ -254,7 +254,8 @@ def test_store_counters_are_on_the_metrics_port(tiny_repository, redis_server):
     from lstm_onnx.client.client import InferenceClient
 
     x = sample_input(1, 2)
-    with _start(tiny_repository, redis_server.url, metrics_port=0) as srv, InferenceClient(srv.url) as client:
+    with _start(tiny_repository, redis_server.url, metrics_port=0, sequence_store_copies="true") as srv, \
+            InferenceClient(srv.url) as client:
         before = scrape(srv.running.metrics_port)
         for i in range(3):
             client.infer("tiny_lstm", {"input": x}, sequence=_control(3, start=i == 0, end=i == 2))
