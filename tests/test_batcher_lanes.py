@@ -138,12 +138,18 @@ def _lane(runtime=None, max_batch_size=8, delay_us=0, merge=True):
     return lane, runtime, metrics
 
 
-async def _behind_a_held_run(lane, runtime, requests):
-    """Start a first request (value 0) and hold its run; queue `requests` ((inputs, rows, steps)) behind it; release.
-    Returns the first answer and the others' (answers or exceptions), in order."""
+async def _first_run_held(lane, runtime):
+    """A first request (value 0) whose run has started and is held: (its gate, its future)."""
     gate = runtime.hold(0)
     first = asyncio.ensure_future(lane.infer(_x(0), 1))
     await _started(runtime, 0)
+    return gate, first
+
+
+async def _behind_a_held_run(lane, runtime, requests):
+    """Start a first request (value 0) and hold its run; queue `requests` ((inputs, rows, steps)) behind it; release.
+    Returns the first answer and the others' (answers or exceptions), in order."""
+    gate, first = await _first_run_held(lane, runtime)
     rest = [asyncio.ensure_future(lane.infer(*r)) for r in requests]
     await asyncio.sleep(0)  # each queued request reaches its future
     assert len(lane._queue) == len(requests)
@@ -314,9 +320,7 @@ def test_an_abandoned_queued_request_leaves_the_queue_and_is_never_run():
     lane, runtime, metrics = _lane()
 
     async def main():
-        gate = runtime.hold(0)
-        first = asyncio.ensure_future(lane.infer(_x(0), 1))
-        await _started(runtime, 0)
+        gate, first = await _first_run_held(lane, runtime)
         gone = asyncio.ensure_future(lane.infer(_x(1), 1))
         kept = asyncio.ensure_future(lane.infer(_x(2), 1))
         await asyncio.sleep(0)
@@ -335,9 +339,7 @@ def test_an_abandoned_queued_request_leaves_the_queue_and_is_never_run():
 
 async def _a_merged_pair_held(lane, runtime):
     """One run held while two more requests queue; then the first ends, and the pair runs merged, held."""
-    gate = runtime.hold(0)
-    first = asyncio.ensure_future(lane.infer(_x(0), 1))
-    await _started(runtime, 0)
+    gate, first = await _first_run_held(lane, runtime)
     queued = [asyncio.ensure_future(lane.infer(_x(v), 1)) for v in (1, 2)]
     await asyncio.sleep(0)
     merged = runtime.hold(1)
@@ -388,9 +390,7 @@ def test_a_cancelled_inline_caller_terminates_its_run_and_the_queue_behind_it_st
     lane, runtime, metrics = _lane()
 
     async def main():
-        gate = runtime.hold(0)
-        first = asyncio.ensure_future(lane.infer(_x(0), 1))
-        await _started(runtime, 0)
+        gate, first = await _first_run_held(lane, runtime)
         second = asyncio.ensure_future(lane.infer(_x(5), 1))
         await asyncio.sleep(0)
         first.cancel()
@@ -429,9 +429,7 @@ def test_under_load_the_batch_waits_for_arrivals_until_it_is_full():
     lane, runtime, metrics = _lane(max_batch_size=3, delay_us=HOUR_US)
 
     async def main():
-        gate = runtime.hold(0)
-        first = asyncio.ensure_future(lane.infer(_x(0), 1))
-        await _started(runtime, 0)
+        gate, first = await _first_run_held(lane, runtime)
         waiting = asyncio.ensure_future(lane.infer(_x(1), 1))
         await asyncio.sleep(0)
         gate.set()
@@ -454,9 +452,7 @@ def test_under_load_without_a_delay_nothing_waits():
     lane, runtime, metrics = _lane(max_batch_size=3, delay_us=0)
 
     async def main():
-        gate = runtime.hold(0)
-        first = asyncio.ensure_future(lane.infer(_x(0), 1))
-        await _started(runtime, 0)
+        gate, first = await _first_run_held(lane, runtime)
         waiting = asyncio.ensure_future(lane.infer(_x(1), 1))
         await asyncio.sleep(0)
         gate.set()
