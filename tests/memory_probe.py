@@ -1,6 +1,6 @@
 """Measure the resident memory one run adds, in a process of its own: `python memory_probe.py MODEL B T [B T ...]`.
 
-Loads MODEL as the server does (ModelRuntime), runs a small warm-up, then for each (B, T) resets the peak
+Sets malloc's mmap threshold and loads MODEL as the server does (ModelRuntime), runs a small warm-up, then for each (B, T) resets the peak
 (/proc/self/clear_refs 5), runs [B, T, F] once, and prints one JSON line: RSS before, peak, after (bytes),
 and the server's estimate for that run.
 """
@@ -21,8 +21,10 @@ def _status_bytes(field: str) -> int:
 
 
 def main(argv: list[str]) -> None:
+    from lstm_onnx.server.memory import fix_mmap_threshold
     from lstm_onnx.server.runtime import ModelRuntime, RuntimeOptions
 
+    fix_mmap_threshold()  # as the server sets it at start (server/app.py): run buffers are mmapped, not heap
     runtime = ModelRuntime("probe", 1, Path(argv[0]))
     runtime.load(RuntimeOptions(provider="cpu"))
     features = runtime.input_spec("input").shape[2]
